@@ -1,0 +1,82 @@
+"""The run root: one folder (or storage URI) under which every stage writes.
+
+Writes are atomic (temp name, then rename) so a reader never sees half a file and a
+re-run can trust whatever exists. Remote roots (``s3://``, ``gs://``...) go through
+``pyarrow.fs``; there a single-object put is already atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts under a local folder or a URI."""
+    if is_remote(root):
+        return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(root.removeprefix("file://"), *parts))
+
+
+def exists(uri: str) -> bool:
+    if not is_remote(uri):
+        return Path(uri).exists()
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically."""
+    if is_remote(uri):
+        fs, path = pafs.FileSystem.from_uri(uri)
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_remote(uri):
+        return Path(uri).read_bytes()
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def fingerprint(*parts: Any, length: int = 12) -> str:
+    """Stable short hash of JSON-serialisable parts: keys a stage's output to its inputs."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
