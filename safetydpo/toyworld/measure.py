@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--detector-dir", type=Path, default=DETECTOR_DIR)
     parser.add_argument("--n", type=int, default=32, help="test pairs per category")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", action="store_true", help="record in weights/measurements.json")
     args = parser.parse_args(argv)

@@ -65,10 +65,10 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDi
     )
 
 
-def load_toy_pipeline(torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def load_toy_pipeline(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """The shipped toy model, loaded with ``from_pretrained`` like any SD checkpoint."""
     if not (MODEL_DIR / "model_index.json").exists():
         raise FileNotFoundError(f"toy model weights missing at {MODEL_DIR}; run python -m safetydpo.toyworld.pretrain")
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, torch_dtype=torch_dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
