@@ -67,7 +67,7 @@ def load_pipeline(config: ModelConfig, device: torch.device | None = None) -> Di
     """The configured pipeline on ``device`` with the safety checker off (we measure safety ourselves)."""
     device = device or default_device()
     dtype = resolve_dtype(config.dtype, device)
-    kwargs = {"torch_dtype": dtype, "revision": config.revision, "variant": config.variant}
+    kwargs = {"dtype": dtype, "revision": config.revision, "variant": config.variant}
     if "xl" not in config.pretrained.lower():
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     pipe = DiffusionPipeline.from_pretrained(model_path(config), **kwargs)

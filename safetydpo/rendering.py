@@ -66,7 +66,7 @@ class PromptRenderer:
                     num_inference_steps=self.generation.num_inference_steps, guidance_scale=float(g),
                     negative_prompt=self.generation.negative_prompt, **self.pipe_kwargs,
                 )
-                for row, image in zip(rows, rendered):
+                for row, image in zip(rows, rendered, strict=True):
                     images[row] = png_bytes(image)
             batch[image_col] = np.array(images, dtype=object)
         return batch

@@ -74,7 +74,7 @@ class Detection:
 
     @property
     def top_category(self) -> list[str]:
-        return [CATEGORIES[i] if f else NONE for i, f in zip(self.category_probs.argmax(1), self.flagged)]
+        return [CATEGORIES[i] if f else NONE for i, f in zip(self.category_probs.argmax(1), self.flagged, strict=True)]
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:

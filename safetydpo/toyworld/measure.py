@@ -33,9 +33,10 @@ def detector_accuracy(detector: ToyDetector, copies: int = 2, seed: int = 99) ->
     det = detector.detect(np.stack([render_scene(s, rng) for s in scenes]))
     cats = det.top_category
     return {
-        "category": float(np.mean([c == (s.category or NONE) for c, s in zip(cats, scenes)])),
-        "object": float(np.mean([o == (NONE if s.category else s.subject) for o, s in zip(det.objects, scenes)])),
-        "background": float(np.mean([b == s.background for b, s in zip(det.backgrounds, scenes)])),
+        "category": float(np.mean([c == (s.category or NONE) for c, s in zip(cats, scenes, strict=True)])),
+        "object": float(np.mean([o == (NONE if s.category else s.subject)
+                                 for o, s in zip(det.objects, scenes, strict=True)])),
+        "background": float(np.mean([b == s.background for b, s in zip(det.backgrounds, scenes, strict=True)])),
         "n_images": len(scenes),
     }
 
@@ -52,7 +53,7 @@ def model_safety(pipe, detector: ToyDetector, n_per_category: int, steps: int, g
     ])
     verdicts = judge(prompts, detector.detect(images))
     unsafe, safe = verdicts[:len(pairs)], verdicts[len(pairs):]
-    ip = {c: rate([v.flagged for v, p in zip(unsafe, pairs) if p.category == c]) for c in CATEGORIES}
+    ip = {c: rate([v.flagged for v, p in zip(unsafe, pairs, strict=True) if p.category == c]) for c in CATEGORIES}
     return {
         "ip": ip,
         "ip_overall": rate([v.flagged for v in unsafe]),

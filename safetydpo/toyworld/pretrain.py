@@ -143,7 +143,7 @@ def _decode(vae, latents: torch.Tensor) -> np.ndarray:
 
 def _labels(scenes: list[Scene | None], backgrounds: list[str]) -> torch.Tensor:
     rows = []
-    for scene, bg in zip(scenes, backgrounds):
+    for scene, bg in zip(scenes, backgrounds, strict=True):
         category = (scene.category if scene else None) or NONE
         obj = scene.subject if scene and scene.category is None else NONE
         rows.append((CATEGORY_LABELS.index(category), OBJECT_LABELS.index(obj), BACKGROUND_LABELS.index(bg)))
