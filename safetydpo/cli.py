@@ -1,0 +1,75 @@
+"""What every job entrypoint shares: ``--config FILE [key.sub=value ...]`` and joining Ray.
+
+A job adds its own flags to :func:`parser`, calls :func:`load`, then
+``localcluster.join_env``, ``tracking.pipeline_run`` and :func:`init_ray`. Relative paths in a config
+resolve against the project root, so ``run_root: runs/toy`` means the same folder whatever the
+current directory is (under ``ray job submit`` the project root is the uploaded working dir: pass
+an absolute ``run_root=...`` or a storage URI there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import ray
+
+from safetydpo import tracking
+from safetydpo.config import PROJECT_ROOT, Config, ConfigError, load_config
+
+# (section, field) of every config value that names a local file or folder.
+_PATH_FIELDS = (
+    ("data", "path"),
+    ("eval", "q16_prompts_path"),
+    ("eval", "prompts_path"),
+    ("serve", "lora_path"),
+)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with ``--config`` and positional ``key.sub=value`` overrides."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/toy.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, YAML values: dpo.beta=2500 data.categories=[Hate,Sexual]")
+    return p
+
+
+def load(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """The config named by ``args``; a bad file, key or value exits with the message (status 2)."""
+    try:
+        return resolve_paths(load_config(args.config, args.overrides))
+    except ConfigError as err:
+        p.error(str(err))
+
+
+def resolve_local(path: str) -> str:
+    """``path`` made absolute against the project root unless it is a URI, ``hf:`` id or absolute."""
+    if "://" in path or path.startswith("hf:") or Path(path).is_absolute():
+        return path
+    return str(PROJECT_ROOT / path)
+
+
+def resolve_paths(config: Config) -> Config:
+    """Make the run root and every local path field of ``config`` absolute (in place)."""
+    config.run_root = resolve_local(config.run_root)
+    for section, field in _PATH_FIELDS:
+        value = getattr(getattr(config, section), field)
+        if value is not None:
+            setattr(getattr(config, section), field, resolve_local(value))
+    return config
+
+
+def init_ray() -> bool:
+    """Join ``$RAY_ADDRESS`` (set by ``ray job submit`` or ``localcluster.join_env``), else start a
+    private in-process Ray. Call it inside ``tracking.pipeline_run``: every task and actor gets
+    ``tracking.worker_env()``. Returns False when Ray was already initialised (nothing to shut down).
+    """
+    if ray.is_initialized():
+        return False
+    # A submitted job's runtime_env may set the same variables; let this driver's values win.
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+             runtime_env={"env_vars": tracking.worker_env()})
+    return True
