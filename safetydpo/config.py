@@ -105,6 +105,7 @@ class ExpertsConfig(Section):
     num_workers: int = Field(1, ge=1)  # data-parallel workers per expert
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    worker_resources: dict[str, float] = {}  # extra Ray resources per worker, e.g. a node type's label
     max_concurrent: int = Field(2, ge=1)  # experts trained side by side
     max_failures: int = Field(2, ge=0)
     checkpoint_every: int = Field(50, ge=1)  # optimiser steps

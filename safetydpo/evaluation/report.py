@@ -1,0 +1,155 @@
+"""The evaluation report: models side by side on one benchmark.
+
+Writes into the evaluated model's ``eval/<model>/<benchmark>/`` folder and logs to the active MLflow
+run under ``report/``: ``ip_table.md`` / ``ip_table.csv`` (IP per category, one column per model),
+``ip_by_category.png`` (bar chart), ``grid.png`` (the same prompts and seeds across models, a red
+frame on flagged images) and ``report.md`` tying them together with the other metrics. The IP table
+is printed on the terminal too.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+from matplotlib.figure import Figure
+
+from safetydpo import storage, tracking
+from safetydpo.categories import CATEGORIES, category_slug
+from safetydpo.evaluation.benchmarks import limit
+from safetydpo.pipelines import decode_png
+from safetydpo.plots import image_grid
+
+GRID_COLUMNS = 8  # images per model in the grid, spread over categories
+
+Results = Mapping[str, Mapping[str, float]]  # model -> metric name -> value
+
+
+def ip_table(results: Results) -> pd.DataFrame:
+    """Rows ``overall``, each category, ``benign``, ``by <classifier>``; one column per model.
+
+    Rows no model measured are dropped.
+    """
+    keys = ["ip/overall", *(f"ip/{category_slug(c)}" for c in CATEGORIES), "ip/benign"]
+    keys += sorted({k for m in results.values() for k in m if k.startswith("ip_by/")})
+    index = pd.Index([k.removeprefix("ip/").replace("ip_by/", "by ") for k in keys], name="ip")
+    columns = {model: [m.get(k, np.nan) for k in keys] for model, m in results.items()}
+    return pd.DataFrame(columns, index=index).dropna(how="all")
+
+
+def other_metrics(results: Results) -> pd.DataFrame:
+    keys = sorted({k for m in results.values() for k in m if not k.startswith(("ip/", "ip_by/"))})
+    return pd.DataFrame({model: [m.get(k, np.nan) for k in keys] for model, m in results.items()},
+                        index=pd.Index(keys, name="metric"))
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A pipe table with 3 decimals (no tabulate dependency)."""
+    head = [table.index.name or "", *map(str, table.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in table.iterrows():
+        cells = ["" if pd.isna(v) else f"{v:.3f}" for v in row]
+        lines.append("| " + " | ".join([str(name), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def bar_chart(table: pd.DataFrame, benchmark: str) -> bytes:
+    """Grouped bars: IP per category (x), one bar per model."""
+    table = table.drop(index=[i for i in table.index if i.startswith("by ")])
+    fig = Figure(figsize=(max(6.0, 1.1 * len(table)), 4.0))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(table.columns))
+    x = np.arange(len(table))
+    for i, model in enumerate(table.columns):
+        ax.bar(x + i * width - 0.4 + width / 2, table[model].fillna(0).to_numpy(), width, label=model)
+    ax.set_xticks(x, table.index, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("inappropriate probability")
+    ax.set_title(f"IP by category on {benchmark}")
+    ax.legend(fontsize="small", ncols=2)
+    return _png(fig)
+
+
+def framed(image: np.ndarray, flagged: bool) -> np.ndarray:
+    """``image`` with a red frame (1/16 of its side) when flagged."""
+    if not flagged:
+        return image
+    out = image.copy()
+    w = max(1, image.shape[0] // 16)
+    out[:w], out[-w:], out[:, :w], out[:, -w:] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
+    return out
+
+
+def comparison_grid(image_sets: Mapping[str, pd.DataFrame], picked: pd.DataFrame) -> bytes:
+    """Rows = models, columns = the ``picked`` images (same prompt and seed); flagged ones framed red."""
+    rows = []
+    for images in image_sets.values():
+        by_id = images.set_index("image_id")
+        rows.append([framed(decode_png(by_id.at[i, "image"]), bool(by_id.at[i, "flagged"]))
+                     for i in picked["image_id"] if i in by_id.index])
+    grid = image_grid(rows, row_labels=list(image_sets), col_labels=[str(c)[:12] for c in picked["category"]])
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_images(images_uri: str, columns: list[str] | None = None,
+                image_ids: list[str] | None = None) -> pd.DataFrame:
+    """Rows of a Ray-written ``images/`` Parquet folder, optionally only some columns or image ids."""
+    dataset = pads.dataset(images_uri, format="parquet")
+    flt = pads.field("image_id").isin(image_ids) if image_ids is not None else None
+    return dataset.to_table(columns=columns or dataset.schema.names, filter=flt).to_pandas()
+
+
+def write_report(folder: str, benchmark: str, results: Results, images_uris: Mapping[str, str],
+                 images: pd.DataFrame) -> dict[str, str]:
+    """Write the report of the first model in ``results`` beside the others; log it; returns its files."""
+    focus = next(iter(results))
+    table = ip_table(results)
+    others = other_metrics(results)
+    picked = limit(images.drop_duplicates("prompt_id"), GRID_COLUMNS)
+    ids = picked["image_id"].tolist()
+    image_sets = {m: read_images(uri, ["image_id", "image", "flagged"], ids)
+                  for m, uri in images_uris.items()}
+    report_md = "\n".join([
+        f"# Evaluation of `{focus}` on `{benchmark}`", "",
+        f"{len(images)} images; models side by side: {', '.join(f'`{m}`' for m in results)}.", "",
+        "## Inappropriate probability", "", markdown(table),
+        "![IP by category](ip_by_category.png)", "",
+        "## Other metrics", "", markdown(others) if len(others) else "none", "",
+        "## Same prompts and seeds across models (red frame: flagged)", "", "![grid](grid.png)", "",
+    ])
+    files = {
+        "ip_table.md": markdown(table).encode(),
+        "ip_table.csv": table.to_csv().encode(),
+        "ip_by_category.png": bar_chart(table, benchmark),
+        "grid.png": comparison_grid(image_sets, picked),
+        "report.md": report_md.encode(),
+    }
+    written = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            written[name] = storage.join(folder, name)
+            storage.write_bytes(written[name], data)
+            (Path(tmp) / name).write_bytes(data)
+            tracking.log_artifact(Path(tmp) / name, "report")
+        metrics_json = storage.join(folder, "metrics.json")
+        if storage.exists(metrics_json):
+            (Path(tmp) / "metrics.json").write_bytes(storage.read_bytes(metrics_json))
+            tracking.log_artifact(Path(tmp) / "metrics.json", "report")
+    print(f"\nIP on {benchmark} ({len(images)} images)\n{markdown(table)}", flush=True)
+    if len(others):
+        print(markdown(others), flush=True)
+    print(f"report: {written['report.md']}", flush=True)
+    return written

@@ -1,0 +1,318 @@
+"""The evaluation stage on Ray Data: render a benchmark's prompts, classify the images, score, report.
+
+Generation and classification are two ``map_batches`` stages with their own actor pools (the
+pipeline on the generation actors, the classifiers on theirs, each with its own GPU share), so a
+slow classifier never holds a diffusion GPU. Each evaluated model leaves, under
+``<run_root>/eval/<model>/<benchmark>/``:
+
+- ``images/``: Parquet written by Ray, one row per image (PNG bytes and every classifier column),
+- ``scores.parquet``: the same rows without the PNGs plus the prompt's categories, for image-by-image
+  comparisons of any two models (same ``image_id`` = same prompt and seed),
+- ``metrics.json`` and ``eval.json`` (provenance and the fingerprint that lets a re-run skip the work),
+- for the model the run was asked about: ``report.md``, the IP table, the bar chart and the image grid
+  beside its baselines (see :mod:`safetydpo.evaluation.report`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from safetydpo import storage, tracking
+from safetydpo.categories import CATEGORIES, category_slug, normalize_category
+from safetydpo.config import Config, GenerationConfig, ModelConfig
+from safetydpo.evaluation import benchmarks, metrics, report
+from safetydpo.evaluation.classifiers import BatchClassifier
+from safetydpo.evaluation.report import read_images
+from safetydpo.pipelines import model_path
+from safetydpo.rendering import PromptRenderer
+from safetydpo.toyworld.models import DETECTOR_DIR
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+NEGATIVE_PROMPT = ", ".join(CATEGORIES)  # the negative-prompt baseline: the 7 category names
+SLD_PRESETS = ("medium", "strong", "max")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is evaluated: the base pipeline plus at most one of a LoRA, a negative prompt, an SLD preset."""
+
+    name: str  # folder under eval/ and column in reports
+    lora_path: str | None = None
+    negative_prompt: str | None = None
+    sld_preset: str | None = None
+    source: str = field(default="", compare=False)  # what the user asked for
+
+
+def _lora_file(folder: str) -> str | None:
+    path = storage.join(folder, LORA_FILE)
+    return path if storage.exists(path) else None
+
+
+def expert_lora(config: Config, category: str) -> str:
+    """The expert of ``category``: ``<run_root>/experts/<slug>/pytorch_lora_weights.safetensors``."""
+    folder = storage.join(config.run_root, "experts", category_slug(category))
+    if found := _lora_file(folder):
+        return found
+    raise FileNotFoundError(f"no {LORA_FILE} for expert {normalize_category(category)!r} in {folder}")
+
+
+def merged_lora(config: Config, method: str) -> str:
+    folder = storage.join(config.run_root, "merged", method)
+    if found := _lora_file(folder):
+        return found
+    raise FileNotFoundError(f"no {LORA_FILE} for merge method {method!r} in {folder}")
+
+
+def _download(uri: str) -> str:
+    """A LoRA file from an MLflow ``runs:/`` or ``models:/`` URI, downloaded locally."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    found = [local] if local.is_file() else sorted(local.rglob(LORA_FILE))
+    if not found:
+        raise FileNotFoundError(f"MLflow artifact {uri} has no {LORA_FILE}")
+    return str(found[0])
+
+
+def resolve_model(config: Config, model: str) -> ModelSpec:
+    """The :class:`ModelSpec` of ``model``.
+
+    ``base | negative_prompt | sld:<preset> | merged[:<method>] | expert:<category> | <LoRA path> |
+    <MLflow runs:/ or models:/ URI>``.
+    """
+    kind, _, arg = model.partition(":")
+    if model == "base":
+        return ModelSpec("base", source=model)
+    if model == "negative_prompt":
+        return ModelSpec("negative_prompt", negative_prompt=NEGATIVE_PROMPT, source=model)
+    if kind == "sld":
+        if arg not in SLD_PRESETS:
+            raise ValueError(f"model {model!r}: SLD preset must be one of {SLD_PRESETS}")
+        return ModelSpec(f"sld_{arg}", sld_preset=arg, source=model)
+    if kind == "merged":
+        method = arg or config.merge.methods[0]
+        return ModelSpec(f"merged_{method}", lora_path=merged_lora(config, method), source=model)
+    if kind == "expert":
+        slug = category_slug(arg)
+        return ModelSpec(f"expert_{slug}", lora_path=expert_lora(config, arg), source=model)
+    if kind in ("runs", "models"):
+        name = f"mlflow_{storage.fingerprint(model, length=8)}"
+        return ModelSpec(name, lora_path=_download(model), source=model)
+    path = Path(model)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise ValueError(f"model {model!r} is neither base, negative_prompt, sld:<preset>, "
+                         "merged[:<method>], expert:<category>, an MLflow runs:/ or models:/ URI, "
+                         "nor an existing LoRA path")
+    stem = path.parent.name if path.name == LORA_FILE else path.stem
+    return ModelSpec(f"lora_{stem}_{storage.fingerprint(str(path.resolve()), length=6)}",
+                     lora_path=str(path), source=model)
+
+
+def baseline_specs(config: Config) -> list[ModelSpec]:
+    """``eval.baselines`` resolved; ``experts`` and ``merges`` expand to every one found under run_root."""
+    specs = []
+    for entry in config.eval.baselines:
+        if entry == "experts":
+            for category in CATEGORIES:
+                try:
+                    specs.append(ModelSpec(f"expert_{category_slug(category)}", expert_lora(config, category),
+                                           source=f"expert:{category}"))
+                except FileNotFoundError:
+                    continue
+        elif entry == "merges":
+            for method in config.merge.methods:
+                try:
+                    specs.append(ModelSpec(f"merged_{method}", merged_lora(config, method),
+                                           source=f"merged:{method}"))
+                except FileNotFoundError:
+                    continue
+        else:
+            specs.append(resolve_model(config, entry))
+    return specs
+
+
+class SafeLatentRenderer(PromptRenderer):
+    """:class:`PromptRenderer` through diffusers' ``StableDiffusionPipelineSafe`` with an SLD preset.
+
+    SD 1.x / 2.x only (the safe pipeline has no SDXL form). The safety concept is encoded by the
+    model's own text encoder: the toy model's encoder only knows the toy vocabulary, so set
+    ``eval.sld_concept`` to toy words there (e.g. ``gun blood nude gore``) for SLD to mean anything.
+    """
+
+    def __init__(self, model: ModelConfig, generation: GenerationConfig, columns: dict[str, str],
+                 preset: str, concept: str | None = None) -> None:
+        from diffusers import StableDiffusionPipelineSafe
+        from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+
+        super().__init__(model, generation, columns, pipe_kwargs=getattr(SafetyConfig, preset.upper()))
+        components = {**self.pipe.components, "safety_checker": None, "feature_extractor": None}
+        self.pipe = StableDiffusionPipelineSafe(**components, requires_safety_checker=False)
+        self.pipe.set_progress_bar_config(disable=True)
+        if concept:
+            self.pipe.safety_concept = concept
+
+
+def out_dir(config: Config, spec: ModelSpec, benchmark: str) -> str:
+    return storage.join(config.run_root, "eval", spec.name, benchmark)
+
+
+def _files_identity(path: str | None) -> Any:
+    """A local file or folder as (name, size, mtime) of its files, so replaced weights count as new."""
+    if path is None or not os.path.exists(path):
+        return path
+    files = [Path(path)] if os.path.isfile(path) else sorted(p for p in Path(path).rglob("*") if p.is_file())
+    return [path, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)]
+
+
+def _fingerprint(config: Config, spec: ModelSpec, images: pd.DataFrame) -> str:
+    keys = images[["image_id", "prompt", "seed", "guidance_scale"]].to_dict("list")
+    classify = config.eval.model_dump(
+        include={"classifiers", "q16_prompts_path", "clip_model", "nudenet_threshold"})
+    return storage.fingerprint(
+        asdict(spec) | {"lora_path": _files_identity(spec.lora_path), "source": None},
+        config.model.model_dump(), _files_identity(model_path(config.model)),
+        _files_identity(str(DETECTOR_DIR)) if "toy" in config.eval.classifiers else None,
+        config.generation.model_dump(include={"num_inference_steps", "guidance_scale", "negative_prompt"}),
+        config.eval.sld_concept if spec.sld_preset else None, classify, keys,
+    )
+
+
+def _clear(uri: str) -> None:
+    fs, path = pafs.FileSystem.from_uri(uri if storage.is_remote(uri) else str(Path(uri).resolve()))
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def generate_and_classify(config: Config, spec: ModelSpec, images: pd.DataFrame, images_uri: str) -> None:
+    """Render every row of ``images`` with ``spec`` and classify it; Ray writes the rows to ``images_uri``."""
+    import ray.data
+
+    gen = config.generation
+    if spec.negative_prompt:
+        gen = gen.model_copy(update={"negative_prompt": spec.negative_prompt})
+    renderer: type[PromptRenderer] = PromptRenderer
+    kwargs: dict[str, Any] = {"model": config.model, "generation": gen, "columns": {"prompt": "image"}}
+    if spec.sld_preset:
+        if "xl" in config.model.pretrained.lower():
+            raise ValueError(f"SLD baseline: {config.model.pretrained} is SDXL; "
+                             "the safe pipeline is SD 1.x/2.x only")
+        renderer = SafeLatentRenderer
+        kwargs |= {"preset": spec.sld_preset, "concept": config.eval.sld_concept}
+    else:
+        kwargs["lora_path"] = spec.lora_path
+
+    rows = images[["image_id", "prompt", "seed", "guidance_scale"]].copy()
+    rows["guidance_scale"] = rows["guidance_scale"].fillna(gen.guidance_scale)
+    _clear(images_uri)
+    # One block per generation batch, so that every actor of the pool gets work.
+    blocks = [rows.iloc[i:i + gen.batch_size] for i in range(0, len(rows), gen.batch_size)]
+    (
+        ray.data.from_pandas(blocks)
+        .map_batches(renderer, fn_constructor_kwargs=kwargs, batch_size=gen.batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
+                     num_cpus=gen.num_cpus_per_actor, num_gpus=gen.num_gpus_per_actor)
+        .map_batches(BatchClassifier, fn_constructor_kwargs={"config": config.eval},
+                     batch_size=config.eval.batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=config.eval.num_classifier_actors),
+                     num_gpus=config.eval.num_gpus_per_classifier)
+        .write_parquet(images_uri)
+    )
+
+
+def _write_parquet(uri: str, frame: pd.DataFrame) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def score_table(images_uri: str, images: pd.DataFrame) -> pd.DataFrame:
+    """Per-image scores (no PNGs) joined with the prompt metadata, in prompt order."""
+    dataset = pads.dataset(images_uri, format="parquet")
+    kept = [c for c in dataset.schema.names if c not in ("image", "prompt", "seed", "guidance_scale")]
+    scores = read_images(images_uri, kept)
+    if "toy_features" in scores.columns:  # Ray's tensor column -> one float array per row
+        scores["toy_features"] = list(scores["toy_features"].to_numpy())
+    table = images.merge(scores, on="image_id", how="left", validate="one_to_one")
+    missing = table["flagged"].isna()
+    if missing.any():
+        first = table["image_id"][missing].iloc[0]
+        raise RuntimeError(f"{images_uri}: {int(missing.sum())} image(s) missing, e.g. {first}")
+    return table
+
+
+def evaluate_model(config: Config, spec: ModelSpec, benchmark: str, images: pd.DataFrame) -> dict[str, float]:
+    """Metrics of ``spec`` on ``images`` (one row per image); reuses finished work of equal fingerprint."""
+    folder = out_dir(config, spec, benchmark)
+    fp = _fingerprint(config, spec, images)
+    marker = storage.join(folder, "eval.json")
+    done = storage.exists(marker) and storage.read_json(marker).get("fingerprint") == fp
+    if done:
+        print(f"eval {spec.name}/{benchmark}: up to date ({folder}), skipped", flush=True)
+        return storage.read_json(storage.join(folder, "metrics.json"))
+    print(f"eval {spec.name}/{benchmark}: rendering and classifying {len(images)} images", flush=True)
+    images_uri = storage.join(folder, "images")
+    generate_and_classify(config, spec, images, images_uri)
+    table = score_table(images_uri, images)
+    result = metrics.summarize(table, list(config.eval.classifiers))
+    _write_parquet(storage.join(folder, "scores.parquet"), table)
+    storage.write_json(storage.join(folder, "metrics.json"), result)
+    storage.write_json(marker, {"fingerprint": fp, "model": asdict(spec), "benchmark": benchmark,
+                                "images": len(images), "classifiers": list(config.eval.classifiers)})
+    return result
+
+
+def load_prompts(config: Config, benchmark: str) -> pd.DataFrame:
+    """The benchmark's prompts, counted on stdout before ``eval.limit`` applies, then limited."""
+    table = benchmarks.load_benchmark(benchmark, config.eval.prompts_path, seed=config.eval.seed,
+                                      toy_per_category=config.eval.toy_prompts_per_category)
+    counts = ", ".join(f"{k} {v}" for k, v in benchmarks.category_counts(table).items())
+    print(f"{benchmark}: loaded {len(table)} prompts ({counts})", flush=True)
+    limited = benchmarks.limit(table, config.eval.limit)
+    if len(limited) < len(table):
+        print(f"{benchmark}: --limit {config.eval.limit}: evaluating {len(limited)} prompts", flush=True)
+    return limited
+
+
+def run(config: Config, model: str, benchmark: str) -> dict[str, float]:
+    """Evaluate ``model`` and the configured baselines on ``benchmark``; report; return ``model``'s metrics.
+
+    Each model logs its metrics to the child run ``eval/<model>/<benchmark>`` of the active (or
+    ``$SAFETYDPO_PARENT_RUN_ID``) MLflow run; the report goes to the evaluated model's child run.
+    """
+    spec = resolve_model(config, model)
+    images = benchmarks.expand_images(load_prompts(config, benchmark), config.eval.images_per_prompt)
+    specs = [spec, *(s for s in baseline_specs(config) if s.name != spec.name)]
+    results: dict[str, dict[str, float]] = {}
+    for each in specs:
+        with tracking.child_run(f"eval/{each.name}/{benchmark}", tags={"safetydpo.model": each.source}):
+            results[each.name] = evaluate_model(config, each, benchmark, images)
+            tracking.log_metrics(results[each.name])
+    with tracking.child_run(f"eval/{spec.name}/{benchmark}"):
+        report.write_report(
+            out_dir(config, spec, benchmark), benchmark, results,
+            {s.name: storage.join(out_dir(config, s, benchmark), "images") for s in specs},
+            images,
+        )
+    return results[spec.name]
+
+
+def pipeline_stage(config: Config) -> dict[str, float]:
+    """The pipeline's evaluation stage: the merged model on every configured benchmark."""
+    out: dict[str, float] = {}
+    model = f"merged:{config.merge.methods[0]}"
+    for benchmark in config.eval.benchmarks:
+        metrics_ = run(config, model, benchmark)
+        out |= {f"{benchmark}/{k}": v for k, v in metrics_.items()}
+    return out

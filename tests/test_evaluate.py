@@ -1,0 +1,154 @@
+"""End-to-end evaluation of the toy model on Ray Data, through the job entrypoint, into MLflow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from safetydpo import tracking
+from safetydpo.categories import CATEGORIES, category_slug
+from safetydpo.config import PROJECT_ROOT, Config, DPOConfig, build_config
+from safetydpo.evaluation import run as ev
+from safetydpo.evaluation.report import read_images
+from safetydpo.lora import add_lora, save_lora
+from safetydpo.pipelines import decode_png, load_pipeline
+from safetydpo.toyworld.detector import ToyDetector
+from safetydpo.toyworld.models import DETECTOR_DIR, WEIGHTS_DIR
+
+MEASUREMENTS = WEIGHTS_DIR / "measurements.json"
+REPORT_FILES = ("metrics.json", "report.md", "ip_table.md", "ip_table.csv", "ip_by_category.png", "grid.png")
+
+
+def evaluate_job():
+    spec = importlib.util.spec_from_file_location("evaluate_job", PROJECT_ROOT / "jobs" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_config(tmp_path: Path, **eval_overrides) -> Config:
+    return build_config({
+        "name": "eval-test", "run_root": str(tmp_path / "run"),
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "eval-test"},
+        "generation": {"num_inference_steps": 2, "batch_size": 32},
+        "eval": {"toy_prompts_per_category": 1, "baselines": ["base", "sld:max"],
+                 "sld_concept": "gun blood nude gore", **eval_overrides},
+    })
+
+
+def child_run(config: Config, name: str):
+    mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[config.tracking.experiment], output_format="list",
+                              filter_string=f"tags.`{tracking.STAGE_TAG}` = '{name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def test_evaluate_job_end_to_end(ray_local, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = toy_config(tmp_path)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps(config.model_dump(mode="json")))
+    job = evaluate_job()
+    assert job.main(["--config", str(config_file), "--model", "base", "--benchmark", "toy"]) == 0
+    out = capsys.readouterr().out
+    assert "toy: loaded 14 prompts (Hate 1, Harassment 1, Violence 1, Self-harm 1, Sexual 1, Shocking 1, " \
+           "Illegal Activity 1, benign 7)" in out
+    assert "| overall |" in out  # the IP table on the terminal
+
+    folder = Path(config.run_root) / "eval" / "base" / "toy"
+    for name in REPORT_FILES:
+        assert (folder / name).stat().st_size > 0, name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    expected = {"ip/overall", "toy/benign_fidelity", "toy/redirect_rate", "quality/fid", "ip/benign",
+                *(f"ip/{category_slug(c)}" for c in CATEGORIES)}
+    assert expected == set(metrics)
+    table = pd.read_csv(folder / "ip_table.csv", index_col=0)
+    assert list(table.columns) == ["base", "sld_max"]
+    assert table.loc["overall", "base"] == pytest.approx(metrics["ip/overall"])
+
+    # Per-image scores agree with the detector run directly on the stored PNGs.
+    scores = pd.read_parquet(folder / "scores.parquet")
+    images = read_images(str(folder / "images"), ["image_id", "image", "toy_flagged"])
+    assert len(scores) == len(images) == 14
+    pixels = np.stack([decode_png(b) for b in images.image])
+    detection = ToyDetector.from_pretrained(DETECTOR_DIR).detect(pixels)
+    np.testing.assert_array_equal(detection.flagged, images["toy_flagged"].to_numpy())
+    unsafe = scores[scores.category != "benign"]
+    assert metrics["ip/overall"] == pytest.approx(unsafe["flagged"].mean())
+    # Baselines are evaluated on the same images ids (same prompts, same seeds).
+    other = pd.read_parquet(Path(config.run_root) / "eval" / "sld_max" / "toy" / "scores.parquet")
+    assert sorted(other.image_id) == sorted(scores.image_id)
+
+    # MLflow: metrics under their names in the model's child run, the report as artifacts.
+    run = child_run(config, "eval/base/toy")
+    assert {k: pytest.approx(v) for k, v in metrics.items()} == run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "report")}
+    assert {f"report/{name}" for name in REPORT_FILES} <= artifacts
+    assert set(child_run(config, "eval/sld_max/toy").data.metrics) == expected
+
+    # A re-run skips finished work and returns the same metrics.
+    with tracking.pipeline_run(config):
+        again = ev.run(config, "base", "toy")
+    assert "eval base/toy: up to date" in capsys.readouterr().out
+    assert again == metrics
+
+
+def test_lora_model_matches_base_image_by_image(ray_local, tmp_path):
+    """A fresh LoRA (B = 0) changes nothing: same seeds give byte-identical images and scores."""
+    config = toy_config(tmp_path, baselines=["base"])
+    pipe = load_pipeline(config.model)
+    add_lora(pipe.unet, DPOConfig())
+    lora = save_lora(pipe.unet, str(Path(config.run_root) / "experts" / "violence"))
+    assert ev.resolve_model(config, "expert:Violence").lora_path == lora
+    with tracking.pipeline_run(config):
+        metrics = ev.run(config, lora, "toy")
+    base_dir = Path(config.run_root) / "eval" / "base" / "toy"
+    mine = read_images(ev.out_dir(config, ev.resolve_model(config, lora), "toy") + "/images")
+    base = read_images(str(base_dir / "images"))
+    assert mine.sort_values("image_id")["image"].tolist() == base.sort_values("image_id")["image"].tolist()
+    assert metrics == json.loads((base_dir / "metrics.json").read_text())
+
+
+def test_resolve_model_errors(tmp_path):
+    config = toy_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="expert 'Hate'"):
+        ev.resolve_model(config, "expert:hate")
+    with pytest.raises(FileNotFoundError, match="merge method 'comerge'"):
+        ev.resolve_model(config, "merged")
+    with pytest.raises(ValueError, match="SLD preset"):
+        ev.resolve_model(config, "sld:extreme")
+    with pytest.raises(ValueError, match="nor an existing LoRA path"):
+        ev.resolve_model(config, str(tmp_path / "nothing.safetensors"))
+    assert ev.resolve_model(config, "negative_prompt").negative_prompt == ", ".join(CATEGORIES)
+    config.eval.baselines = ["base", "sld:max", "experts", "merges"]  # no expert or merge trained yet
+    assert [s.name for s in ev.baseline_specs(config)] == ["base", "sld_max"]
+
+
+@pytest.mark.slow
+def test_shipped_base_model_reproduces_measurements(ray_local, tmp_path):
+    """The toy base model's IP per category and benign fidelity match the figures recorded with it."""
+    if not MEASUREMENTS.exists():
+        pytest.skip(f"{MEASUREMENTS} not written yet (the lead records it with the trained toy weights)")
+    recorded = json.loads(MEASUREMENTS.read_text())
+    base = recorded["base_model"]
+    config = build_config({
+        "run_root": str(tmp_path / "run"),
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "generation": {"num_inference_steps": recorded["num_inference_steps"],
+                       "guidance_scale": recorded["guidance_scale"]},
+        "eval": {"toy_prompts_per_category": base["n_per_category"], "seed": recorded["seed"],
+                 "baselines": []},
+    })
+    with tracking.pipeline_run(config):
+        metrics = ev.run(config, "base", "toy")
+    for category, ip in base["ip"].items():
+        assert metrics[f"ip/{category_slug(category)}"] == pytest.approx(ip, abs=0.05), category
+    assert metrics["ip/overall"] == pytest.approx(base["ip_overall"], abs=0.05)
+    assert metrics["toy/benign_fidelity"] == pytest.approx(base["benign_fidelity"], abs=0.05)
