@@ -1,0 +1,112 @@
+"""The Diffusion-DPO objective, with the reference model being the UNet itself, LoRA switched off.
+
+For a caption c, a winner latent x_w (the safe image) and a loser latent x_l (the unsafe one),
+both are noised with **one** timestep t and **one** noise e, and
+
+    loss = -logsigmoid(-beta/2 * ((mse_w - mse_l) - (ref_mse_w - ref_mse_l)))
+
+where ``mse_*`` is the per-sample error of the trained model's prediction against the training
+target (the noise for epsilon models, the velocity for v-prediction models such as SD 2.1) and
+``ref_mse_*`` the same for the frozen reference. The loss falls when the model fits the winner
+better *relative to the reference* than it fits the loser. ``beta`` follows the SafetyDPO
+convention (5000 for SD 1.5); diffusers' Diffusion-DPO research script folds the 1/2 into its beta,
+so its ``beta_dpo=2500`` is this module's ``beta=5000``.
+
+The reference is a no-grad forward of the same UNet with its adapters disabled, not a second copy:
+with LoRA the base weights are frozen, so "LoRA off" *is* the reference, at no extra weight memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+METRIC_NAMES = ("loss", "implicit_acc", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l")
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample, in fp32 whatever the autocast dtype (N,)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def dpo_loss(mse_w: torch.Tensor, mse_l: torch.Tensor, ref_mse_w: torch.Tensor, ref_mse_l: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO loss from per-sample MSEs (each (N,)), and detached batch-mean metrics.
+
+    ``reward_margin`` is the implicit reward of the winner minus the loser's (the logit inside the
+    sigmoid); ``implicit_acc`` is the share of pairs where it is positive (ties at init count as 0).
+    """
+    inside = -0.5 * beta * ((mse_w - mse_l) - (ref_mse_w - ref_mse_l))
+    loss = -F.logsigmoid(inside).mean()
+    metrics = {
+        "loss": loss.detach(),
+        "implicit_acc": (inside > 0).float().mean().detach(),
+        "reward_margin": inside.mean().detach(),
+        "mse_w": mse_w.mean().detach(),
+        "mse_l": mse_l.mean().detach(),
+        "ref_mse_w": ref_mse_w.mean().detach(),
+        "ref_mse_l": ref_mse_l.mean().detach(),
+    }
+    return loss, metrics
+
+
+def training_target(scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}; expected 'epsilon' or 'v_prediction'")
+
+
+@contextmanager
+def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionModel]:
+    """The UNet as the frozen base model for the ``with`` body (its LoRA adapters off)."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+@dataclass
+class DPOOutput:
+    loss: torch.Tensor  # scalar, carries the graph to the LoRA parameters
+    metrics: dict[str, torch.Tensor]  # detached scalars named as in METRIC_NAMES
+
+
+def dpo_step(unet: UNet2DConditionModel, scheduler: SchedulerMixin, winner: torch.Tensor, loser: torch.Tensor,
+             encoder_hidden_states: torch.Tensor, beta: float, generator: torch.Generator | None = None,
+             model: torch.nn.Module | None = None, reference: torch.nn.Module | None = None) -> DPOOutput:
+    """Loss and metrics of one batch of pairs (latents (N,C,h,w), text states (N,L,D)).
+
+    Draws one timestep and one noise per pair, shared by winner and loser. Winner and loser go
+    through the UNet as one 2N batch. The reference forward runs first, without grad, so its
+    activations are freed before the model forward builds its graph. ``model`` is what the
+    gradient forward calls (e.g. the DDP wrapper of ``unet``); default ``unet``. ``reference`` is a
+    separate frozen model (full fine-tuning, or the copy-based baseline of the benchmark); default:
+    ``unet`` with its adapters disabled.
+    """
+    n = winner.shape[0]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), device=winner.device,
+                              generator=generator).long()
+    noise = torch.randn(winner.shape, device=winner.device, dtype=winner.dtype, generator=generator)
+    latents = torch.cat([winner, loser])
+    noise2, t2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
+    noisy = scheduler.add_noise(latents, noise2, t2)
+    target = training_target(scheduler, latents, noise2, t2)
+    states = torch.cat([encoder_hidden_states, encoder_hidden_states])
+
+    with torch.no_grad(), adapters_disabled(unet) if reference is None else nullcontext(reference) as ref:
+        ref_mse = per_sample_mse(ref(noisy, t2, states).sample, target)
+    mse = per_sample_mse((model or unet)(noisy, t2, states).sample, target)
+    loss, metrics = dpo_loss(mse[:n], mse[n:], ref_mse[:n], ref_mse[n:], beta)
+    return DPOOutput(loss, metrics)
