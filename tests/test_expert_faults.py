@@ -1,0 +1,116 @@
+"""Fault tolerance of expert training on a multi-node local Ray cluster.
+
+Two experts train side by side on a ``ray.cluster_utils.Cluster`` (a head and a worker node, 2 CPUs
+in all; the trainers run on the worker node). Once the Hate expert has a checkpoint, its training
+worker process is killed: Ray Train must restart it from that checkpoint and finish all the
+configured steps, while the Violence expert runs on undisturbed, and MLflow must keep one run per
+expert. The cluster runs in a fresh process,
+so it never meets the session's in-process Ray.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from safetydpo import experts, storage, tracking
+from safetydpo.config import build_config
+from safetydpo.generation import generate_pairs
+
+MAX_STEPS = 8
+CHECKPOINT_EVERY = 2
+
+
+def _config(root: Path):
+    return build_config({
+        "run_root": str(root),
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "faults"},
+        "data": {"categories": ["Hate", "Violence"], "toy_pairs_per_category": 4, "val_fraction": 0.2},
+        "generation": {"num_inference_steps": 2, "num_cpus_per_actor": 0.5},
+        "dpo": {"max_steps": MAX_STEPS, "batch_size": 2},
+        "experts": {"categories": ["Hate", "Violence"], "cpus_per_worker": 0.5, "max_concurrent": 2,
+                    "worker_resources": {"trainer_slot": 1}, "checkpoint_every": CHECKPOINT_EVERY,
+                    "max_failures": 2},
+    })
+
+
+def _kill_hate_worker_after_checkpoint(root: Path, killed: dict, timeout_s: float = 900) -> None:
+    """SIGKILL Hate's rank-0 training worker once its first checkpoint is surely registered: a second
+    one is being written (``ray.train.report`` returns only after registering the first)."""
+    deadline = time.monotonic() + timeout_s
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    while time.monotonic() < deadline:
+        if len(list((root / "experts" / "_ray").glob("hate-*/checkpoint_*"))) >= 2:
+            runs = client.search_runs(
+                [client.get_experiment_by_name("faults").experiment_id],
+                filter_string=f"tags.`{tracking.STAGE_TAG}` = 'expert/hate'")
+            pid = int(runs[0].data.tags["safetydpo.pid"])
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
+            return
+        time.sleep(0.5)
+
+
+def _scenario(root: str) -> None:
+    """Runs in a fresh process: the cluster, the pairs, the training and the kill."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # The head reads pairs and drives the trials; training workers need a trainer slot: the worker node's.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, resources={"trainer_slot": 2})
+    ray.init(address=cluster.address)
+    config = _config(Path(root))
+    pairs = generate_pairs(config)
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_hate_worker_after_checkpoint, args=(Path(root), killed),
+                              daemon=True)
+    try:
+        killer.start()
+        with tracking.pipeline_run(config):
+            experts.train_experts(config, pairs=pairs)
+        killer.join(timeout=1)
+        storage.write_json(str(Path(root) / "killed.json"), killed)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint(tmp_path):
+    process = multiprocessing.get_context("spawn").Process(target=_scenario, args=(str(tmp_path),))
+    process.start()
+    process.join(timeout=1500)
+    if process.is_alive():
+        process.kill()
+        pytest.fail("the fault scenario did not finish in 25 minutes")
+    assert process.exitcode == 0
+
+    killed = storage.read_json(str(tmp_path / "killed.json"))
+    assert killed, "the Hate worker was never killed: no checkpoint appeared"
+    config = _config(tmp_path)
+    for name in ("Hate", "Violence"):
+        meta = storage.read_json(storage.join(experts.expert_dir(config.run_root, name), experts.EXPERT_JSON))
+        assert meta["steps"] == MAX_STEPS, name
+
+    client = mlflow.MlflowClient(config.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
+                              filter_string=f"tags.`{tracking.STAGE_TAG}` LIKE 'expert/%'")
+    by_name = {r.data.tags[tracking.STAGE_TAG]: r for r in runs}
+    assert len(runs) == 2 and set(by_name) == {"expert/hate", "expert/violence"}  # no duplicate runs
+    hate, violence = by_name["expert/hate"], by_name["expert/violence"]
+    resumed = hate.data.metrics["resumed_from_step"]
+    assert resumed >= CHECKPOINT_EVERY and resumed % CHECKPOINT_EVERY == 0
+    assert int(hate.data.tags["safetydpo.pid"]) != killed["pid"]  # a new worker process finished it
+    hate_steps = {m.step for m in client.get_metric_history(hate.info.run_id, "loss")}
+    assert hate_steps == set(range(1, MAX_STEPS + 1))
+    assert "resumed_from_step" not in violence.data.metrics  # the other expert was not restarted
+    violence_steps = [m.step for m in client.get_metric_history(violence.info.run_id, "loss")]
+    assert sorted(violence_steps) == list(range(1, MAX_STEPS + 1))

@@ -1,0 +1,206 @@
+"""Safety experts on real Ray Train + Tune, real MLflow (sqlite) and the toy pipeline.
+
+One run trains two experts side by side: Hate trains normally, Violence is given a learning rate
+so large that its second step overflows, which must stop Violence alone with an error naming the
+step, keep its step-1 checkpoint and let Hate finish. The re-run skips Hate and resumes Violence.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from safetydpo import experts, storage, tracking
+from safetydpo.config import Config, DPOConfig, build_config
+from safetydpo.data.pairs import MANIFEST
+from safetydpo.generation import generate_pairs
+from safetydpo.lora import WEIGHTS_NAME, add_lora, load_lora_state
+from safetydpo.toyworld.models import load_toy_pipeline
+
+CATEGORIES = ["Hate", "Violence"]
+MAX_STEPS = 3
+
+
+def make_config(root: Path, store: str, **experts_overrides) -> Config:
+    """Two categories of 4 train + 1 validation toy pairs; 2-step rendering; a tiny DPO run."""
+    return build_config({
+        "run_root": str(root),
+        "tracking": {"tracking_uri": store, "experiment": f"experts-{root.name}"},
+        "data": {"categories": CATEGORIES, "toy_pairs_per_category": 4, "val_fraction": 0.2},
+        "generation": {"num_inference_steps": 2, "num_cpus_per_actor": 0.5},
+        "dpo": {"max_steps": MAX_STEPS, "batch_size": 2, "learning_rate": 1e-3},
+        "experts": {"categories": CATEGORIES, "cpus_per_worker": 0.5, "checkpoint_every": 1,
+                    "max_concurrent": 2, "max_failures": 1,
+                    "dpo_overrides": {"Violence": {"learning_rate": 1e30}}} | experts_overrides,
+    })
+
+
+@pytest.fixture(scope="module")
+def pairs(ray_local, mlflow_store, tmp_path_factory) -> str:
+    """The generation stage's pairs dataset (toy pipeline renders both prompts of every pair)."""
+    return generate_pairs(make_config(tmp_path_factory.mktemp("gen"), mlflow_store))
+
+
+# -- pairs data checks (no Ray) ----------------------------------------------------------------------
+
+def _rows(pairs: str) -> list[dict]:
+    return pa.concat_tables(pq.read_table(f) for f in experts.pairs_files(pairs)).to_pylist()
+
+
+def _rewrite(pairs: str, folder: Path, change) -> str:
+    """A finished dataset (one shard + manifest) holding ``change`` of the rows of ``pairs``."""
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(change(_rows(pairs))), folder / "shard-00000.parquet")
+    storage.write_json(str(folder / MANIFEST), {"files": ["shard-00000.parquet"]})
+    return str(folder)
+
+
+def test_scan_pairs_describes_experts(pairs):
+    specs = experts.scan_pairs(pairs, ["Hate", "all"], all_categories=tuple(CATEGORIES))
+    assert specs["Hate"].num_pairs == 4 and specs["Hate"].categories == ("Hate",)
+    assert specs["all"].num_pairs == 8 and specs["all"].categories == tuple(CATEGORIES)
+    validation = [r["unsafe_prompt"] for r in _rows(pairs) if r["split"] == "validation"]
+    assert list(specs["Hate"].preview_prompts) == validation[:1]  # previews come from validation
+    assert list(specs["all"].preview_prompts) == validation
+    again = experts.scan_pairs(pairs, ["Hate", "Violence"])
+    assert again["Hate"].data_hash == specs["Hate"].data_hash != again["Violence"].data_hash
+
+
+def test_scan_pairs_rejects_bad_data(pairs, tmp_path):
+    def drop_image(rows):
+        rows[2]["safe_image"] = None
+        return rows
+
+    bad = _rewrite(pairs, tmp_path / "missing", drop_image)
+    with pytest.raises(experts.ExpertError,
+                       match=r"row 3 \(pair_id 'toy-train-hate-00002'\): safe_image missing"):
+        experts.scan_pairs(bad, ["Hate"])
+
+    with pytest.raises(experts.ExpertError, match=r"expert 'Sexual': no train pairs for \['Sexual'\]"):
+        experts.scan_pairs(pairs, ["Sexual"])
+    with pytest.raises(experts.ExpertError, match=r"expert 'all': no train pairs for \['Harassment'"):
+        experts.scan_pairs(pairs, ["all"])  # all 7 categories, only 2 generated
+    with pytest.raises(experts.ExpertError, match="4 train pairs cannot feed 6 workers"):
+        experts.scan_pairs(pairs, ["Hate"], num_workers=6)
+
+    def rename(rows):
+        rows[0]["category"] = "cats"
+        return rows
+
+    with pytest.raises(experts.ExpertError, match=r"row 1 .*unknown category 'cats'"):
+        experts.scan_pairs(_rewrite(pairs, tmp_path / "unknown", rename), ["Hate"])
+
+    def no_split(rows):
+        return [{k: v for k, v in r.items() if k != "split"} for r in rows]
+
+    with pytest.raises(experts.ExpertError, match=r"missing column\(s\) \['split'\]"):
+        experts.scan_pairs(_rewrite(pairs, tmp_path / "nosplit", no_split), ["Hate"])
+    with pytest.raises(experts.ExpertError, match="does not exist"):
+        experts.scan_pairs(str(tmp_path / "nowhere"), ["Hate"])
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(experts.ExpertError, match="not a finished pairs dataset"):
+        experts.scan_pairs(str(tmp_path / "unfinished"), ["Hate"])
+
+
+def test_dpo_inputs_pairing_flip_and_dropout(pairs):
+    columns = ("pair_id", "unsafe_prompt", "safe_prompt", "unsafe_image", "safe_image")
+    batch = {k: np.array([r[k] for r in _rows(pairs)[:2]], dtype=object) for k in columns}
+    rng = np.random.default_rng(0)
+    winners, losers, captions = experts._dpo_inputs(batch, DPOConfig(), rng, 32)
+    assert winners.shape == (2, 3, 32, 32) and winners.min() >= -1 and winners.max() <= 1
+    assert captions == list(batch["unsafe_prompt"])
+    w2, l2, c2 = experts._dpo_inputs(batch, DPOConfig(pairing="both", caption_dropout=1.0), rng, 32)
+    assert w2.shape[0] == 4 and c2 == [""] * 4
+    flip = DPOConfig(random_flip=True)
+    flipped, flipped_l, _ = experts._dpo_inputs(batch, flip, np.random.default_rng(1), 32)
+    for i in range(2):  # each pair is flipped as a whole or not at all
+        same_w = np.array_equal(flipped[i], winners[i])
+        assert same_w == np.array_equal(flipped_l[i], losers[i])
+        if not same_w:
+            assert np.array_equal(flipped[i], winners[i][..., ::-1])
+    with pytest.raises(experts.ExpertError, match="images are 32x32, the model trains at 64x64"):
+        experts._dpo_inputs(batch, DPOConfig(), rng, 64)
+
+
+# -- training on Ray ----------------------------------------------------------------------------------
+
+def _child_runs(config) -> dict[str, mlflow.entities.Run]:
+    client = mlflow.MlflowClient(config.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`{tracking.STAGE_TAG}` LIKE 'expert/%'")
+    return {r.data.tags[tracking.STAGE_TAG]: r for r in runs}, runs
+
+
+def test_train_experts_concurrently_with_a_failing_expert(pairs, ray_local, mlflow_store, tmp_path):
+    config = make_config(tmp_path, mlflow_store)
+    with tracking.pipeline_run(config), pytest.raises(experts.ExpertError) as failure:
+        experts.train_experts(config, pairs=pairs)
+    message = str(failure.value)
+    assert "Violence" in message and "non-finite loss" in message and "at step 2" in message
+    assert "Hate" not in message  # only Violence failed
+
+    hate = experts.expert_dir(config.run_root, "Hate")
+    meta = storage.read_json(storage.join(hate, experts.EXPERT_JSON))
+    assert meta["steps"] == MAX_STEPS and meta["num_pairs"] == 4 and meta["categories"] == ["Hate"]
+    assert math.isfinite(meta["final_metrics"]["loss"]) and "implicit_acc" in meta["final_metrics"]
+    assert meta["config"]["dpo"]["learning_rate"] == 1e-3
+    assert experts.lora_paths(config) == {"Hate": storage.join(hate, WEIGHTS_NAME)}
+    assert not Path(experts.expert_dir(config.run_root, "Violence")).exists()
+    violence_ckpts = sorted((tmp_path / "experts" / "_ray").glob("violence-*/checkpoint_*/state.pt"))
+    assert violence_ckpts and {torch.load(p, weights_only=True)["step"] for p in violence_ckpts} == {1}
+
+    by_name, runs = _child_runs(config)
+    assert len(runs) == 2 and set(by_name) == {"expert/hate", "expert/violence"}
+    client = mlflow.MlflowClient(config.tracking.tracking_uri)
+    hate_run = by_name["expert/hate"]
+    steps = [m.step for m in client.get_metric_history(hate_run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, MAX_STEPS + 1))
+    logged = ("implicit_acc", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l", "lr", "grad_norm")
+    assert set(logged) <= set(hate_run.data.metrics)
+    assert hate_run.data.params["dpo.beta"] == "5000.0" and hate_run.data.params["num_pairs"] == "4"
+    artifacts = {a.path for a in client.list_artifacts(hate_run.info.run_id)}
+    assert {"lora", "samples", experts.EXPERT_JSON} <= artifacts
+    assert "non-finite loss" in by_name["expert/violence"].data.tags["safetydpo.error"]
+
+    # The published LoRA is the trained adapter, and diffusers reads it back with the same scaling.
+    pipe = load_toy_pipeline()
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    states = pipe.encode_prompt(["a gun"], "cpu", 1, False)[0].detach()
+    t = torch.tensor([400])
+    with torch.no_grad():
+        base = pipe.unet(latents, t, states).sample
+        trained = copy.deepcopy(pipe.unet)
+        add_lora(trained, config.dpo)
+        final = sorted((tmp_path / "experts" / "_ray").glob("hate-*/checkpoint_*/state.pt"))[-1]
+        load_lora_state(trained, torch.load(final, weights_only=True)["lora"])
+        expected = trained(latents, t, states).sample
+        pipe.load_lora_weights(hate)
+        loaded = pipe.unet(latents, t, states).sample
+    assert not torch.allclose(base, expected)
+    assert torch.allclose(loaded, expected, atol=1e-6)
+
+    # Re-run: Hate is finished and skipped; Violence resumes from its step-1 checkpoint and fails again.
+    with tracking.pipeline_run(config, run_name="rerun") as parent:
+        with pytest.raises(experts.ExpertError, match="Violence.*at step 2"):
+            experts.train_experts(config, pairs=pairs)
+        rerun_parent = parent.info.run_id
+    rerun = {r.data.tags[tracking.STAGE_TAG]: r for r in mlflow.MlflowClient(config.tracking.tracking_uri)
+             .search_runs([hate_run.info.experiment_id], f"tags.mlflow.parentRunId = '{rerun_parent}'")}
+    assert set(rerun) == {"expert/violence"}  # nothing trained for Hate
+    assert rerun["expert/violence"].data.metrics["resumed_from_step"] == 1
+    assert storage.read_json(storage.join(hate, experts.EXPERT_JSON)) == meta
+
+    # A changed setting changes the fingerprint: Hate is no longer finished.
+    specs = experts.scan_pairs(pairs, ["Hate"])
+    assert experts.is_finished(config, specs["Hate"])
+    changed = make_config(tmp_path, mlflow_store, dpo_overrides={"Hate": {"beta": 2500}})
+    assert not experts.is_finished(changed, specs["Hate"])
