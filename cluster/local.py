@@ -37,6 +37,7 @@ from safetydpo import localcluster
 from safetydpo.config import PROJECT_ROOT
 
 HOST = "127.0.0.1"
+STARTUP_TIMEOUT = "timed out during startup"  # how `ray start` says its node did not register in time
 BIN = Path(sys.executable).parent  # the venv this script runs in: its `ray` and `mlflow`
 
 
@@ -213,6 +214,12 @@ def up(args: argparse.Namespace) -> int:
             state["ray"], exit_status = start_ray(cdir, args, mlflow_url)
             started.append("ray")
             localcluster.write_state(state, runs)
+            if exit_status != 0 and STARTUP_TIMEOUT in _tail(Path(state["ray"]["log"])):
+                # Ray gives its node 30 s to register, too little on a busy machine: try once more.
+                print("ray start timed out (busy machine?); trying once more", file=sys.stderr)
+                stop_service(state["ray"]["sid"])
+                state["ray"], exit_status = start_ray(cdir, args, mlflow_url)
+                localcluster.write_state(state, runs)
             if exit_status != 0:
                 log = Path(state["ray"]["log"])
                 raise ServiceError(f"ray start failed; log {log}:\n{_tail(log)}")

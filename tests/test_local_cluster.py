@@ -35,6 +35,17 @@ with mlflow.start_run(run_name="from-a-ray-job") as run:
 print("TRACKING", os.environ["MLFLOW_TRACKING_URI"], "RUN_ID", run.info.run_id)
 '''
 
+# A driver run as plain `python`, which imports Ray before it reads the state file.
+JOIN = '''
+import os, sys
+from pathlib import Path
+import ray
+from safetydpo import localcluster
+print("JOINED", localcluster.join_env(False, Path(sys.argv[1])), os.environ["MLFLOW_TRACKING_URI"])
+ray.init()
+print("CPUS", ray.cluster_resources()["CPU"])
+'''
+
 
 def _free_ports(count: int) -> list[int]:
     socks = [socket.socket() for _ in range(count)]
@@ -86,7 +97,7 @@ def test_up_submit_idempotent_up_and_clean_down(local, tmp_path: Path) -> None:
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     (job_dir / "log_run.py").write_text(JOB)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI")}
     submit = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", dashboard_url, "--working-dir", str(job_dir),
          "--", "python", "log_run.py"],
@@ -102,6 +113,11 @@ def test_up_submit_idempotent_up_and_clean_down(local, tmp_path: Path) -> None:
     assert logged.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
     hello = client.download_artifacts(logged.info.run_id, "hello.txt", str(tmp_path))
     assert Path(hello).read_text() == "hello"
+
+    joined = subprocess.run([sys.executable, "-c", JOIN, str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    assert f"'MLflow {mlflow_url}'] {mlflow_url}" in joined.stdout and "CPUS 1.0" in joined.stdout
 
     again = run("up")
     assert again.returncode == 0, again.stdout + again.stderr
