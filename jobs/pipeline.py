@@ -14,10 +14,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
+import generate  # sibling entrypoints: jobs/ is on sys.path when this file runs as a script
 import ray
+import train_experts
 
 from safetydpo import cli, localcluster, smoke, tracking
 from safetydpo.config import Config
+from safetydpo.evaluation import run as evaluation
 
 Stage = Callable[[Config], Mapping[str, float]]
 
@@ -25,6 +28,9 @@ Stage = Callable[[Config], Mapping[str, float]]
 # own child runs, and returns headline metrics for the summary. Plug new stages in here.
 STAGES: list[tuple[str, Stage]] = [
     ("ray-smoke", smoke.run),
+    ("generate", generate.run),
+    ("experts", train_experts.run),
+    ("evaluate", evaluation.base_and_baselines_stage),
 ]
 
 

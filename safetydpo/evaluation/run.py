@@ -308,6 +308,15 @@ def run(config: Config, model: str, benchmark: str) -> dict[str, float]:
     return results[spec.name]
 
 
+def base_and_baselines_stage(config: Config) -> dict[str, float]:
+    """The pipeline's evaluation stage until a merge stage exists: the base model beside its
+    baselines (``eval.baselines``, e.g. every trained expert) on every configured benchmark."""
+    out: dict[str, float] = {}
+    for benchmark in config.eval.benchmarks:
+        out |= {f"{benchmark}/{k}": v for k, v in run(config, "base", benchmark).items()}
+    return out
+
+
 def pipeline_stage(config: Config) -> dict[str, float]:
     """The pipeline's evaluation stage: the merged model on every configured benchmark."""
     out: dict[str, float] = {}
