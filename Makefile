@@ -9,7 +9,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?=  # e.g. make test PYTEST_ARGS="tests/test_config.py -x"
+# Part of the suite: make test PYTEST_ARGS="tests/test_config.py -x"
+PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

@@ -27,7 +27,7 @@ def test_tracking_uri_precedence(tmp_path: Path, monkeypatch) -> None:
     assert tracking.resolve_tracking_uri(config) == "sqlite:///x.db"
 
 
-def test_remote_run_root_keeps_sqlite_in_the_project(monkeypatch) -> None:
+def test_remote_run_root_keeps_sqlite_in_the_project() -> None:
     config = build_config({"run_root": "s3://bucket/run"})
     assert tracking.resolve_tracking_uri(config).endswith("/runs/mlflow.db")
 
