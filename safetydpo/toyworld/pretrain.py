@@ -60,6 +60,18 @@ def _optimizer(params, lr: float, total: int, warmup: int):
     return opt, sched
 
 
+def _update(opt, sched, loss: torch.Tensor, step: int, steps: int, what: str, clip: float | None = None) -> None:
+    """One optimiser step (optionally clipping the gradient norm), logged every 100 steps."""
+    opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+    opt.step()
+    sched.step()
+    if step % 100 == 0 or step == steps - 1:
+        log.info("%s step %d loss %.5f", what, step, loss.item())
+
+
 def encode_text(tokenizer, text_encoder, captions: list[str], batch: int = 512) -> torch.Tensor:
     """(N, MAX_TOKENS, TEXT_DIM) last hidden states, as the pipeline computes them."""
     out = []
@@ -88,12 +100,7 @@ def train_text_encoder(tokenizer, steps: int, seed: int):
         idx = torch.randint(len(ids), (256,), generator=gen)
         pooled = encoder(ids[idx]).pooler_output
         loss = sum(F.cross_entropy(h(pooled), targets[idx, k]) for k, h in enumerate(heads))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("text encoder step %d loss %.4f", step, loss.item())
+        _update(opt, sched, loss, step, steps, "text encoder")
     return encoder.eval().requires_grad_(False)
 
 
@@ -121,12 +128,7 @@ def train_vae(images: np.ndarray, steps: int, seed: int, batch: int = 64):
         recon = vae.decode(posterior.sample(generator=gen)).sample
         mse = F.mse_loss(recon, x)
         loss = mse + 1e-5 * posterior.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("vae step %d mse %.5f", step, mse.item())
+        _update(opt, sched, loss, step, steps, "vae")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
@@ -171,12 +173,7 @@ def train_detector(images: np.ndarray, scenes: list[Scene | None], backgrounds: 
         y = labels[idx]
         loss = (F.cross_entropy(out["category"], y[:, 0]) + F.cross_entropy(out["object"], y[:, 1])
                 + F.cross_entropy(out["background"], y[:, 2]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("detector step %d loss %.4f", step, loss.item())
+        _update(opt, sched, loss, step, steps, "detector")
     return ToyDetector(model)
 
 
@@ -199,7 +196,6 @@ def train_unet(latents: torch.Tensor, scenes: list[Scene], tokenizer, text_encod
     ema = EMAModel(unet.parameters(), decay=0.999)
     opt, sched = _optimizer(unet.parameters(), lr, steps, 200)
     gen = torch.Generator().manual_seed(seed)
-    start = time.time()
     for step in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=gen).tolist()
         pick = [choices[i][torch.randint(len(choices[i]), (1,), generator=gen)].item() for i in idx]
@@ -213,14 +209,8 @@ def train_unet(latents: torch.Tensor, scenes: list[Scene], tokenizer, text_encod
         snr = compute_snr(noise_scheduler, t)
         weight = torch.clamp(snr, max=5.0) / snr
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(opt, sched, loss, step, steps, "unet", clip=1.0)
         ema.step(unet.parameters())
-        if step % 100 == 0 or step == steps - 1:
-            log.info("unet step %d loss %.4f (%.0fs)", step, loss.item(), time.time() - start)
     ema.copy_to(unet.parameters())
     return unet.eval()
 
