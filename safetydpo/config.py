@@ -100,7 +100,7 @@ class DPOConfig(Section):
 class ExpertsConfig(Section):
     """Training one DPO LoRA per category on Ray Train."""
 
-    categories: list[str] | None = None  # None: all 7
+    categories: list[str] | None = None  # None: the data's categories
     include_all: bool = False  # also train the "all" expert on every category's pairs
     num_workers: int = Field(1, ge=1)  # data-parallel workers per expert
     use_gpu: bool = False

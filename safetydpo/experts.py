@@ -94,9 +94,16 @@ def expert_dir(run_root: str, name: str) -> str:
     return storage.join(run_root, EXPERTS_DIR, expert_slug(name))
 
 
+def expert_categories(config: Config) -> list[str]:
+    """``experts.categories``, else the categories the data selects."""
+    if config.experts.categories is not None:
+        return config.experts.selected_categories()
+    return config.data.selected_categories()
+
+
 def expert_names(config: Config) -> list[str]:
     """The experts ``config`` asks for: its categories, plus ``all`` when ``experts.include_all``."""
-    return config.experts.selected_categories() + ([ALL] if config.experts.include_all else [])
+    return expert_categories(config) + ([ALL] if config.experts.include_all else [])
 
 
 def lora_paths(config: Config) -> dict[str, str]:
@@ -589,7 +596,7 @@ def train_experts(config: Config, pairs: str | None = None,
     """
     names = names or expert_names(config)
     pairs = pairs or default_pairs(config)
-    specs = scan_pairs(pairs, names, config.experts.num_workers, tuple(config.experts.selected_categories()))
+    specs = scan_pairs(pairs, names, config.experts.num_workers, tuple(expert_categories(config)))
     records = {s.name: {"name": s.name, "status": "skipped", "lora": storage.join(
         expert_dir(config.run_root, s.name), WEIGHTS_NAME)} for s in specs.values() if is_finished(config, s)}
     todo = {name: spec for name, spec in specs.items() if name not in records}

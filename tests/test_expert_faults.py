@@ -84,13 +84,14 @@ def _scenario(root: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three trainer start-ups: minutes on a quiet 2-core box, far more on a busy one
 def test_killed_worker_resumes_from_checkpoint(tmp_path):
     process = multiprocessing.get_context("spawn").Process(target=_scenario, args=(str(tmp_path),))
     process.start()
-    process.join(timeout=1500)
+    process.join(timeout=1700)
     if process.is_alive():
         process.kill()
-        pytest.fail("the fault scenario did not finish in 25 minutes")
+        pytest.fail("the fault scenario did not finish in time")
     assert process.exitcode == 0
 
     killed = storage.read_json(str(tmp_path / "killed.json"))

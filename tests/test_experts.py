@@ -140,6 +140,8 @@ def _child_runs(config) -> dict[str, mlflow.entities.Run]:
     return {r.data.tags[tracking.STAGE_TAG]: r for r in runs}, runs
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # three trainer start-ups: minutes on a quiet 2-core box, far more on a busy one
 def test_train_experts_concurrently_with_a_failing_expert(pairs, ray_local, mlflow_store, tmp_path):
     config = make_config(tmp_path, mlflow_store)
     with tracking.pipeline_run(config), pytest.raises(experts.ExpertError) as failure:

@@ -150,55 +150,38 @@ def dpo_step_benchmark(args: argparse.Namespace) -> list[dict[str, float]]:
     return rows
 
 
-def _toy_pairs(folder: Path, per_category: int) -> None:
-    """A toy pairs Parquet for all 7 categories, rendered by the toy pipeline (few sampling steps)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from safetydpo.pipelines import png_bytes
-    from safetydpo.rendering import render
-    from safetydpo.toyworld.models import load_toy_pipeline
-    from safetydpo.toyworld.prompts import make_pairs
-
-    pipe = load_toy_pipeline()
-    pairs = make_pairs("train", per_category) + make_pairs("validation", 1)
-    columns = {k: [getattr(p, k) for p in pairs] for k in
-               ("pair_id", "category", "concept", "unsafe_prompt", "safe_prompt", "seed", "split")}
-    for kind in ("unsafe", "safe"):
-        images = render(pipe, [getattr(p, f"{kind}_prompt") for p in pairs], columns["seed"],
-                        num_inference_steps=4, guidance_scale=5.0)
-        columns[f"{kind}_image"] = [png_bytes(i) for i in images]
-    folder.mkdir(parents=True)
-    pq.write_table(pa.table(columns | {"model_id": ["toy"] * len(pairs)}), folder / "part-00000.parquet")
+def _experts_config(work: Path, at_once: int, args: argparse.Namespace):
+    return build_config({
+        "run_root": str(work / f"{at_once}-at-once"),
+        "tracking": {"tracking_uri": f"sqlite:///{work}/mlflow.db"},
+        "data": {"toy_pairs_per_category": args.pairs_per_category},
+        "generation": {"num_inference_steps": 4},
+        "dpo": {"max_steps": args.expert_steps, "batch_size": 8},
+        # 7 x 0.125 CPU leaves the one CPU Ray Data's pair reads need (experts.DATA_CPUS)
+        "experts": {"max_concurrent": at_once, "cpus_per_worker": 0.125, "checkpoint_every": args.expert_steps},
+    })
 
 
 def experts_per_hour(args: argparse.Namespace) -> dict[str, float]:
     import ray
 
     from safetydpo import experts, tracking
+    from safetydpo.generation import generate_pairs
 
     work = Path(tempfile.mkdtemp(prefix="experts-bench-"))
-    pairs = work / "pairs" / "bench"
-    _toy_pairs(pairs, args.pairs_per_category)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
-    result = {}
+    result: dict[str, float] = {}
     try:
-        for concurrent in (7, 1):
-            root = work / f"concurrent-{concurrent}"
-            config = build_config({
-                "run_root": str(root), "tracking": {"tracking_uri": f"sqlite:///{work}/mlflow.db"},
-                "generation": {"num_inference_steps": 4},
-                "dpo": {"max_steps": args.expert_steps, "batch_size": 8},
-                "experts": {"max_concurrent": concurrent, "cpus_per_worker": 0.25,
-                            "checkpoint_every": args.expert_steps},
-            })
+        pairs = generate_pairs(_experts_config(work, 7, args))
+        for at_once in (7, 1):
+            config = _experts_config(work, at_once, args)
+            assert experts.concurrency(config, 7) == at_once
             start = time.perf_counter()
-            with tracking.pipeline_run(config, run_name=f"bench-{concurrent}"):
-                records = experts.train_experts(config, pairs=str(pairs))
+            with tracking.pipeline_run(config, run_name=f"bench-{at_once}"):
+                records = experts.train_experts(config, pairs=pairs)
             seconds = time.perf_counter() - start
             assert all(r["status"] == "trained" for r in records.values()), records
-            result[f"experts_per_hour_{concurrent}_at_once"] = 7 * 3600 / seconds
-            result[f"wall_s_{concurrent}_at_once"] = seconds
+            result |= {f"wall_s_{at_once}_at_once": seconds, f"experts_per_hour_{at_once}_at_once": 7 * 3600 / seconds}
             print(json.dumps(result), flush=True)
     finally:
         ray.shutdown()

@@ -1,0 +1,208 @@
+"""Load benchmark of the Serve deployment: throughput and p50/p99 latency at concurrency 1, 4, 16.
+
+    python jobs/benchmarks/serve_load.py --config jobs/configs/toy.yaml [--requests 16]
+        [--max-seconds 60] [--out runs/benchmarks/serve_load.json] [key.sub=value ...]
+
+Ways to get one PNG for a prompt, each driven closed-loop by N clients (N = concurrency): Serve
+with dynamic batching (``serve.max_batch_size``, waiting ``serve.batch_wait_timeout_s`` and 5 ms
+for a batch to fill), Serve without (batch size 1), and the pipeline called in-process under a
+lock (the floor: no HTTP, no actors). Load stays on 127.0.0.1; a cell sends max(``requests``,
+4 N) requests or stops after ``max-seconds``.
+Every request renders one image with the config's steps and guidance; the model is the merged
+LoRA when the run root has one, else the base model (with a throwaway base key).
+Targets: Serve's p50 at concurrency 1 within 15 ms of in-process; batching >= 2x the
+throughput of no batching at concurrency 16.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(PROJECT))  # `serve/` is a top-level folder of the project, not an installed package
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+from ray import serve  # noqa: E402
+
+from safetydpo import cli, storage  # noqa: E402
+from safetydpo.config import Config  # noqa: E402
+from safetydpo.pipelines import load_pipeline, png_bytes  # noqa: E402
+from safetydpo.rendering import render  # noqa: E402
+from serve.adapters import Catalog  # noqa: E402
+from serve.app import APP_NAME, build_app  # noqa: E402
+
+CONCURRENCY = (1, 4, 16)
+PROMPT = "a ball on the right, lavender background"
+HOST = "127.0.0.1"
+
+
+def closed_loop(call: Callable[[int], None], concurrency: int, total: int, max_seconds: float) -> dict:
+    """``concurrency`` clients calling ``call(seed)`` back to back: latency percentiles and throughput."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + max_seconds
+    per_client = -(-total // concurrency)
+
+    def client(index: int) -> None:
+        for k in range(per_client):
+            if time.monotonic() > deadline:
+                return
+            started = time.perf_counter()
+            try:
+                call(index * 10_000 + k)
+            except Exception as err:  # counted and reported, the run goes on
+                errors.append(f"{type(err).__name__}: {err}"[:200])
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    ms = 1000 * np.asarray(latencies)
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
+            "first_error": errors[0] if errors else None, "seconds": round(seconds, 2),
+            "throughput_rps": round(len(latencies) / seconds, 2),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+            "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None}
+
+
+def in_process(config: Config, lora: str | None) -> Callable[[int], None]:
+    """The floor: the same render + PNG encode as a replica, in this process, one call at a time."""
+    pipe = load_pipeline(config.model)
+    if lora:
+        pipe.load_lora_weights(str(Path(lora).parent), weight_name=Path(lora).name)
+    lock = threading.Lock()
+    gen = config.generation
+
+    def call(seed: int) -> None:
+        with lock:
+            image = render(pipe, [PROMPT], [seed], num_inference_steps=gen.num_inference_steps,
+                           guidance_scale=gen.guidance_scale, negative_prompt=gen.negative_prompt)[0]
+        png_bytes(image)
+
+    return call
+
+
+def over_http(url: str, model: str, key: str | None) -> Callable[[int], None]:
+    """One keep-alive session per client thread, like a real client pool."""
+    local = threading.local()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def call(seed: int) -> None:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        body = {"prompt": PROMPT, "model": model, "seed": seed, "response_format": "png"}
+        response = local.session.post(f"{url}/v1/images/generations", json=body, headers=headers, timeout=300)
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:120]}")
+
+    return call
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| mode | concurrency | requests | errors | throughput (img/s) | p50 (ms) | p99 (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+                     f"{r['throughput_rps']} | {r['p50_ms']} | {r['p99_ms']} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> dict[str, dict]:
+    """The two targets, measured."""
+    cell = {(r["mode"], r["concurrency"]): r for r in rows}
+    floor_p50 = cell[("in-process", 1)]["p50_ms"]
+    out: dict[str, dict] = {}
+    for mode in ("serve-batched", "serve-batched-wait5ms", "serve-unbatched"):
+        p50 = cell[(mode, 1)]["p50_ms"]
+        overhead = None if p50 is None or floor_p50 is None else round(p50 - floor_p50, 1)
+        met = overhead is not None and overhead <= 15
+        out[f"overhead_c1/{mode}"] = {"ms": overhead, "target_ms": 15, "met": met}
+    unbatched = cell[("serve-unbatched", 16)]["throughput_rps"]
+    for mode in ("serve-batched", "serve-batched-wait5ms"):
+        ratio = round(cell[(mode, 16)]["throughput_rps"] / unbatched, 2) if unbatched else None
+        met = ratio is not None and ratio >= 2.0
+        out[f"batching_gain_c16/{mode}"] = {"ratio": ratio, "target": 2.0, "met": met}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=16, help="per cell, at least 4 per client")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="per cell")
+    p.add_argument("--out", default=str(PROJECT / "runs" / "benchmarks" / "serve_load.json"))
+    args = p.parse_args(argv)
+    config = cli.load(p, args)
+    lora = Catalog.from_config(config).merged()
+    model, key = ("merged", None) if lora else ("base", secrets.token_hex(8))
+    if key:
+        os.environ[config.serve.base_key_env] = key
+    os.environ.pop(config.serve.api_key_env, None)
+    # Replicas get OMP_NUM_THREADS = their CPUs; the in-process floor uses as many threads.
+    torch.set_num_threads(max(1, int(config.serve.num_cpus)))
+    print(f"model {model} ({lora or 'no LoRA'}), {config.generation.num_inference_steps} steps, "
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}", flush=True)
+
+    rows = []
+
+    def measure(mode: str, call: Callable[[int], None]) -> None:
+        for c in CONCURRENCY:
+            rows.append({"mode": mode, **closed_loop(call, c, max(args.requests, 4 * c), args.max_seconds)})
+            print(rows[-1], flush=True)
+
+    floor = in_process(config, lora)
+    floor(0)  # warm-up
+    measure("in-process", floor)
+
+    ray.init(address="local", include_dashboard=False)
+    port = _free_port()
+    url = f"http://{HOST}:{port}"
+    serve.start(http_options={"host": HOST, "port": port})
+    try:
+        size, config_wait = config.serve.max_batch_size, config.serve.batch_wait_timeout_s
+        variants = [("serve-batched", size, config_wait), ("serve-batched-wait5ms", size, 0.005),
+                    ("serve-unbatched", 1, config_wait)]
+        for mode, batch, wait in variants:
+            variant = config.model_copy(deep=True)
+            variant.serve.max_batch_size, variant.serve.batch_wait_timeout_s = batch, wait
+            serve.run(build_app(variant), name=APP_NAME, route_prefix="/")
+            call = over_http(url, model, key)
+            call(0)  # warm-up: loads the adapter
+            measure(mode, call)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    result = {"rows": rows, "targets": verdicts(rows), "model": model, "cpus": os.cpu_count(),
+              "steps": config.generation.num_inference_steps, "max_batch_size": config.serve.max_batch_size,
+              "batch_wait_timeout_s": config.serve.batch_wait_timeout_s}
+    storage.write_json(args.out, result)
+    print("\n" + _table(rows))
+    for name, verdict in result["targets"].items():
+        print(f"{name}: {verdict}")
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

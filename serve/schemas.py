@@ -1,0 +1,196 @@
+"""The HTTP API's request and response models, with bounds taken from the config and the model.
+
+Bounds are enforced by pydantic, so a bad request answers 422 naming the field and the reason
+before any work reaches the model. The request model is built per deployment
+(:func:`request_model`) because its bounds (token budget, sizes) depend on the served model;
+FastAPI then publishes them in the OpenAPI schema at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Literal
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from safetydpo.categories import category_slug
+from safetydpo.config import Config
+from safetydpo.pipelines import model_path
+
+MERGED = "merged"  # the safety LoRA the deployment is configured with
+BASE = "base"  # the unaligned model: served only to holders of the base key
+ALL_EXPERT = "all"  # the expert trained on every category (experts.include_all)
+MAX_SEED = 2**31 - 1  # image i of a request is drawn from seed + i, so keep room below 2**63
+SIZE_STEP = 8  # the VAE downsamples by 8 on Stable Diffusion (4 on the toy model)
+MODEL_HELP = "merged (default), base (needs the base key), expert:<category>, mlflow:<name>/<version|alias>"
+_MLFLOW_REF = re.compile(r"^mlflow:(?P<name>[^/\s:@]+)/(?P<ref>[^/\s:@]+)$")
+
+
+class ModelIdError(ValueError):
+    """A ``model`` value that names no model this API knows how to serve."""
+
+
+def canonical_model_id(model: str) -> str:
+    """``merged``, ``base``, ``expert:<slug>`` (category in any spelling) or ``mlflow:<name>/<ref>``."""
+    if model in (MERGED, BASE):
+        return model
+    kind, _, rest = model.partition(":")
+    if kind == "expert" and rest:
+        if rest.strip().lower() == ALL_EXPERT:
+            return f"expert:{ALL_EXPERT}"
+        try:
+            return f"expert:{category_slug(rest.replace('_', ' '))}"
+        except ValueError as err:
+            raise ModelIdError(str(err)) from None
+    if kind == "mlflow" and _MLFLOW_REF.match(model):
+        return model
+    raise ModelIdError(
+        f"unknown model {model[:80]!r}; expected {MERGED!r}, {BASE!r}, 'expert:<category>' "
+        "or 'mlflow:<registered name>/<version or alias>'"
+    )
+
+
+def mlflow_uri(model_id: str) -> str:
+    """``mlflow:name/3`` -> ``models:/name/3``; ``mlflow:name/champion`` -> ``models:/name@champion``."""
+    match = _MLFLOW_REF.match(model_id)
+    if match is None:
+        raise ModelIdError(f"{model_id!r} is not of the form mlflow:<name>/<version or alias>")
+    name, ref = match["name"], match["ref"]
+    return f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}"
+
+
+class Limits(BaseModel):
+    """What one request may ask of the served model; defaults for what it leaves out."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_prompt_tokens: int  # tokens incl. begin/end markers: the text encoder's window at most
+    max_images: int
+    max_steps: int
+    max_guidance_scale: float
+    native_size: int  # pixels; the default width and height
+    min_size: int
+    max_size: int
+    default_steps: int
+    default_guidance_scale: float
+    default_negative_prompt: str | None = None
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """A cheap cap checked before tokenizing, so a megabyte prompt is refused without work."""
+        return 32 * self.max_prompt_tokens
+
+    @classmethod
+    def for_model(cls, config: Config, tokenizer_max_length: int) -> Limits:
+        """Bounds from ``config.serve``, the model's text window and its native resolution.
+
+        Sizes go from half to twice the native resolution, in steps of 8 pixels.
+        """
+        native = config.model.resolution or native_resolution(config)
+        return cls(
+            max_prompt_tokens=min(config.serve.max_prompt_tokens, tokenizer_max_length),
+            max_images=config.serve.max_images,
+            max_steps=config.serve.max_steps,
+            max_guidance_scale=config.serve.max_guidance_scale,
+            native_size=native,
+            min_size=max(SIZE_STEP, native // 2 // SIZE_STEP * SIZE_STEP),
+            max_size=2 * native,
+            default_steps=min(config.generation.num_inference_steps, config.serve.max_steps),
+            default_guidance_scale=min(config.generation.guidance_scale, config.serve.max_guidance_scale),
+            default_negative_prompt=config.generation.negative_prompt,
+        )
+
+
+def native_resolution(config: Config) -> int:
+    """UNet sample size x VAE downsampling, read from the model's config files (no weights loaded)."""
+    path = model_path(config.model)
+    unet = UNet2DConditionModel.load_config(path, subfolder="unet", revision=config.model.revision)
+    vae = AutoencoderKL.load_config(path, subfolder="vae", revision=config.model.revision)
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerationRequest(_Strict):
+    """Body of ``POST /v1/images/generations``; :func:`request_model` adds the deployment's bounds."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    model: str = MERGED
+    n: int = 1
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    response_format: Literal["png", "b64_json"]
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        return canonical_model_id(model)
+
+    @model_validator(mode="after")
+    def _png_is_one_image(self) -> GenerationRequest:
+        if self.response_format == "png" and self.n != 1:
+            raise ValueError("response_format 'png' returns one image; ask n=1 or use 'b64_json'")
+        return self
+
+
+def request_model(limits: Limits, count_tokens: Callable[[str], int]) -> type[GenerationRequest]:
+    """The request model of one deployment: ``limits`` as field bounds, token counts by its tokenizer."""
+    chars, tokens = limits.max_prompt_chars, limits.max_prompt_tokens
+    size = {"ge": limits.min_size, "le": limits.max_size, "multiple_of": SIZE_STEP}
+
+    def fits_text_encoder(cls: type, text: str | None) -> str | None:
+        if text is not None and (counted := count_tokens(text)) > tokens:
+            raise ValueError(f"{counted} tokens; this model reads at most {tokens}")
+        return text
+
+    return create_model(
+        "GenerationRequest",
+        __base__=GenerationRequest,
+        __validators__={"fits_text_encoder": field_validator("prompt", "negative_prompt")(fits_text_encoder)},
+        prompt=(str, Field(min_length=1, max_length=chars, description=f"at most {tokens} tokens")),
+        negative_prompt=(str | None, Field(limits.default_negative_prompt, max_length=chars)),
+        model=(str, Field(MERGED, max_length=256, description=MODEL_HELP)),
+        n=(int, Field(1, ge=1, le=limits.max_images, description="images; image i uses seed + i")),
+        num_inference_steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps)),
+        guidance_scale=(float, Field(limits.default_guidance_scale, ge=0.0, le=limits.max_guidance_scale,
+                                     allow_inf_nan=False)),
+        seed=(int | None, Field(None, ge=0, le=MAX_SEED, description="random when left out")),
+        width=(int, Field(limits.native_size, **size)),
+        height=(int, Field(limits.native_size, **size)),
+    )
+
+
+class ImageData(BaseModel):
+    b64_json: str  # PNG bytes, base64
+    seed: int
+
+
+class GenerationResponse(BaseModel):
+    data: list[ImageData]
+    model: str
+    latency_ms: float  # time spent in the server, from validated request to encoded images
+
+
+class ModelCard(BaseModel):
+    id: str
+    source: str | None = None  # LoRA file or models:/ URI; None for the base model
+    requires_key: bool = False
+    metrics: dict[str, float] | None = None  # eval/<model>/<benchmark>/metrics.json: ip/overall, ip/<slug>...
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_detail(field: str, message: str, kind: str = "value_error") -> list[dict]:
+    """The 422 body shape FastAPI uses, for checks that run after pydantic (model availability)."""
+    return [{"loc": ["body", field], "msg": message, "type": kind}]
