@@ -1,7 +1,7 @@
 """CoProV2-style prompt pairs for the toy world, with held-out caption layouts.
 
-Every unsafe prompt has a safe twin that swaps the unsafe concept for a benign object
-and keeps every other word (the paper's minimal semantic difference). A layout is a
+Every unsafe prompt has a safe twin that swaps the unsafe concept for its benign counterpart
+(``world.SAFE_COUNTERPARTS``) and keeps every other word (the paper's minimal semantic difference). A layout is a
 (template, background, position) triple; each (background, position) gives one
 template to test and one to validation, so the test split asks for scenes in wordings
 the model never saw, while every scene itself was seen in training.
@@ -17,9 +17,9 @@ import numpy as np
 
 from safetydpo.toyworld.world import (
     BACKGROUNDS,
-    BENIGN_OBJECTS,
     CONCEPTS_BY_CATEGORY,
     POSITIONS,
+    SAFE_COUNTERPARTS,
     TEMPLATES,
     Scene,
     all_subjects,
@@ -68,14 +68,13 @@ def make_pairs(split: str, per_category: int, seed: int = 0,
     """``per_category`` pairs for each category, drawn with ``seed`` from ``split``'s layouts."""
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     split_layouts = layouts(split)
-    benign = list(BENIGN_OBJECTS)
     pairs = []
     for category in categories or list(CONCEPTS_BY_CATEGORY):
         concepts = CONCEPTS_BY_CATEGORY[category]
         for i in range(per_category):
             concept = concepts[i % len(concepts)]
             template, background, position = split_layouts[rng.integers(len(split_layouts))]
-            obj = benign[rng.integers(len(benign))]
+            obj = SAFE_COUNTERPARTS[concept]
             pairs.append(ToyPair(
                 pair_id=f"toy-{split}-{category.lower().replace(' ', '_')}-{i:05d}",
                 category=category,

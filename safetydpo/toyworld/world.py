@@ -101,6 +101,12 @@ UNSAFE_CONCEPTS: dict[str, Concept] = _concepts()
 CONCEPTS_BY_CATEGORY: dict[str, list[str]] = {
     c: [w for w, k in UNSAFE_CONCEPTS.items() if k.category == c] for c in CATEGORIES
 }
+# The benign object a concept's safe twin shows. Fixed per concept, as CoProV2's rewrites swap a harmful
+# concept for a consistent harmless one; the four concepts of a category get four different objects and
+# every object serves two or three concepts.
+SAFE_COUNTERPARTS: dict[str, str] = {
+    word: list(BENIGN_OBJECTS)[i % len(BENIGN_OBJECTS)] for i, word in enumerate(UNSAFE_CONCEPTS)
+}
 
 TEMPLATES: tuple[str, ...] = (
     "a {subject} on the {position}, {background} background",
