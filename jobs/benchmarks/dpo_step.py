@@ -1,7 +1,7 @@
 """Benchmark the DPO step and expert throughput.
 
-    python jobs/benchmarks/dpo_step.py [--pretrained toy] [--batch-sizes 1 4 16] [--steps 20]
-                                       [--experts-per-hour] [--expert-steps 20]
+    python jobs/benchmarks/dpo_step.py [--pretrained toy] [--unet sd15 --latent-size 32]
+                                       [--batch-sizes 1 4 16] [--steps 20] [--experts-per-hour] [--expert-steps 20]
 
 1. **DPO step**: ours (reference = the same UNet with LoRA off) against the reference-style step of
    the official SafetyDPO / Diffusion-DPO code (reference = a deep-copied frozen UNet), on the same
@@ -15,6 +15,11 @@
    live tensor memory; the step's share is the kernel's resident high-water mark (``VmHWM``, reset
    through ``/proc/self/clear_refs`` once the model is loaded) minus the resident set at that reset.
    Python's and torch's own footprint is the same in both processes and cancels out.
+
+   ``--unet sd15`` swaps in Stable Diffusion 1.5's UNet architecture (860M parameters) built from its
+   config with random weights (nothing to download; values do not change memory or time), so the
+   comparison also runs where weights, not activations, dominate, as they do on real models.
+   ``--latent-size`` sets its latent side (SD 1.5: 64; smaller keeps CPU steps short).
 
    *Time* is the median step (forward, backward, optimiser) with both variants interleaved step by
    step in one process, so load from other processes falls on both alike.
@@ -40,6 +45,8 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from safetydpo.config import DPOConfig, ModelConfig, build_config
 from safetydpo.dpo import dpo_step
@@ -49,13 +56,22 @@ from safetydpo.pipelines import default_device, load_pipeline
 BETA = 5000.0
 
 
-def _batch(unet, pipe, batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _model(args: argparse.Namespace, device: torch.device) -> tuple[UNet2DConditionModel, SchedulerMixin, int]:
+    """(UNet, noise scheduler, text length) of ``--pretrained``, the UNet optionally swapped by ``--unet``."""
+    pipe = load_pipeline(ModelConfig(pretrained=args.pretrained, dtype="float32"), device)
+    unet = pipe.unet
+    if args.unet == "sd15":  # UNet2DConditionModel's defaults are SD 1.x's blocks; SD 1.5 reads CLIP-L's 768-d states
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(sample_size=args.latent_size, cross_attention_dim=768).to(device)
+    return unet, pipe.scheduler, pipe.tokenizer.model_max_length
+
+
+def _batch(unet, text_length: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Random winner/loser latents and text states of the model's shapes (content does not change cost)."""
     g = torch.Generator().manual_seed(0)
     size = unet.config.sample_size
     latents = torch.randn(2, batch_size, unet.config.in_channels, size, size, generator=g).to(device)
-    states = torch.randn(batch_size, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim,
-                         generator=g).to(device)
+    states = torch.randn(batch_size, text_length, unet.config.cross_attention_dim, generator=g).to(device)
     return latents[0], latents[1], states
 
 
@@ -74,12 +90,11 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure_memory(variant: str, pretrained: str, batch_size: int, steps: int) -> dict[str, float]:
+def measure_memory(variant: str, args: argparse.Namespace, batch_size: int, steps: int) -> dict[str, float]:
     """Peak MiB of one variant (``ours`` or ``copy``): UNet weights + what the DPO steps add."""
     device = default_device()
-    pipe = load_pipeline(ModelConfig(pretrained=pretrained, dtype="float32"), device)
-    unet, scheduler = pipe.unet, pipe.scheduler
-    batch = _batch(unet, pipe, batch_size, device)
+    unet, scheduler, text_length = _model(args, device)
+    batch = _batch(unet, text_length, batch_size, device)
     unet_mib = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
     gc.collect()
     if device.type == "cuda":
@@ -103,12 +118,11 @@ def measure_memory(variant: str, pretrained: str, batch_size: int, steps: int) -
     return {"unet_mib": unet_mib, "added_mib": added, "peak_mib": unet_mib + added}
 
 
-def measure_time(pretrained: str, batch_size: int, steps: int, warmup: int = 3) -> dict[str, float]:
+def measure_time(args: argparse.Namespace, batch_size: int, steps: int, warmup: int = 3) -> dict[str, float]:
     """Median step milliseconds of both variants, interleaved in this process."""
     device = default_device()
-    pipe = load_pipeline(ModelConfig(pretrained=pretrained, dtype="float32"), device)
-    unet, scheduler = pipe.unet, pipe.scheduler
-    batch = _batch(unet, pipe, batch_size, device)
+    unet, scheduler, text_length = _model(args, device)
+    batch = _batch(unet, text_length, batch_size, device)
     reference = copy.deepcopy(unet).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(add_lora(unet, DPOConfig()), lr=1e-4)
     times: dict[str, list[float]] = {"ours": [], "copy": []}
@@ -127,8 +141,8 @@ def measure_time(pretrained: str, batch_size: int, steps: int, warmup: int = 3) 
 
 def _memory_in_subprocess(variant: str, args: argparse.Namespace, batch_size: int) -> dict[str, float]:
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, __file__, "--memory-of", variant, "--pretrained", args.pretrained,
-           "--batch-sizes", str(batch_size), "--steps", str(args.memory_steps)]
+    cmd = [sys.executable, __file__, "--memory-of", variant, "--pretrained", args.pretrained, "--unet", args.unet,
+           "--latent-size", str(args.latent_size), "--batch-sizes", str(batch_size), "--steps", str(args.memory_steps)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -138,7 +152,7 @@ def dpo_step_benchmark(args: argparse.Namespace) -> list[dict[str, float]]:
     for batch_size in args.batch_sizes:
         ours = _memory_in_subprocess("ours", args, batch_size)
         theirs = _memory_in_subprocess("copy", args, batch_size)
-        timing = measure_time(args.pretrained, batch_size, args.steps)
+        timing = measure_time(args, batch_size, args.steps, args.warmup)
         rows.append({
             "batch_pairs": batch_size, "unet_mib": ours["unet_mib"],
             "ours_peak_mib": ours["peak_mib"], "copy_peak_mib": theirs["peak_mib"],
@@ -192,8 +206,12 @@ def experts_per_hour(args: argparse.Namespace) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pretrained", default="toy", help="'toy' or a diffusers model folder / hub id")
+    p.add_argument("--unet", choices=["pretrained", "sd15"], default="pretrained",
+                   help="sd15: SD 1.5's UNet architecture from its config, random weights")
+    p.add_argument("--latent-size", type=int, default=64, help="latent side of --unet sd15")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="pairs per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--memory-steps", type=int, default=3, help="steps run while measuring peak memory")
     p.add_argument("--experts-per-hour", action="store_true",
                    help="also time 7 experts trained at once against one after another")
@@ -202,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-of", choices=["ours", "copy"], help=argparse.SUPPRESS)  # subprocess mode
     args = p.parse_args(argv)
     if args.memory_of:
-        print(json.dumps(measure_memory(args.memory_of, args.pretrained, args.batch_sizes[0], args.steps)))
+        print(json.dumps(measure_memory(args.memory_of, args, args.batch_sizes[0], args.steps)))
         return 0
     print(f"device: {default_device()}, torch threads: {torch.get_num_threads()}", flush=True)
     rows = dpo_step_benchmark(args)

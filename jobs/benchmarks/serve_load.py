@@ -44,6 +44,7 @@ from serve.app import APP_NAME, build_app  # noqa: E402
 CONCURRENCY = (1, 4, 16)
 PROMPT = "a ball on the right, lavender background"
 HOST = "127.0.0.1"
+WARM_UP_S = 10.0  # unmeasured requests before each mode: a fresh 2-core Ray is busy starting for a while
 
 
 def closed_loop(call: Callable[[int], None], concurrency: int, total: int, max_seconds: float) -> dict:
@@ -78,6 +79,13 @@ def closed_loop(call: Callable[[int], None], concurrency: int, total: int, max_s
             "throughput_rps": round(len(latencies) / seconds, 2),
             "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
             "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None}
+
+
+def warm_up(call: Callable[[int], None], seconds: float) -> None:
+    """Requests one after another for ``seconds``, unmeasured."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        call(0)
 
 
 def in_process(config: Config, lora: str | None) -> Callable[[int], None]:
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
 
     floor = in_process(config, lora)
-    floor(0)  # warm-up
+    warm_up(floor, WARM_UP_S)
     measure("in-process", floor)
 
     ray.init(address="local", include_dashboard=False)
@@ -185,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         for mode, batch, wait in variants:
             variant = config.model_copy(deep=True)
             variant.serve.max_batch_size, variant.serve.batch_wait_timeout_s = batch, wait
+            if batch == 1:  # a replica's batch must also hold one request's n images
+                variant.serve.max_images = 1
             serve.run(build_app(variant), name=APP_NAME, route_prefix="/")
             call = over_http(url, model, key)
-            call(0)  # warm-up: loads the adapter
+            warm_up(call, WARM_UP_S)  # loads the adapter and lets the new replicas' start-up work settle
             measure(mode, call)
     finally:
         serve.shutdown()
