@@ -50,6 +50,7 @@ class PromptRenderer:
         self.columns = columns
         self.pipe_kwargs = dict(pipe_kwargs or {})
         self.pipe = load_pipeline(model)
+        self.size = model.resolution  # None: the pipeline's default (the UNet's sample size x VAE factor)
         if lora_path:
             self.pipe.load_lora_weights(lora_path)
 
@@ -64,7 +65,8 @@ class PromptRenderer:
                 rendered = render(
                     self.pipe, batch[prompt_col][rows].tolist(), batch["seed"][rows].tolist(),
                     num_inference_steps=self.generation.num_inference_steps, guidance_scale=float(g),
-                    negative_prompt=self.generation.negative_prompt, **self.pipe_kwargs,
+                    negative_prompt=self.generation.negative_prompt, height=self.size, width=self.size,
+                    **self.pipe_kwargs,
                 )
                 for row, image in zip(rows, rendered, strict=True):
                     images[row] = png_bytes(image)

@@ -35,8 +35,17 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it, which races threads
+
+
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` atomically."""
+    """Write ``data`` to ``uri`` atomically, with the permissions a plain ``open`` would give it."""
     if is_remote(uri):
         fs, path = pafs.FileSystem.from_uri(uri)
         with fs.open_output_stream(path) as out:
@@ -46,6 +55,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide run outputs from the cluster's other users
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()

@@ -22,12 +22,13 @@ import yaml
 from PIL import Image
 
 from safetydpo import storage, tracking
-from safetydpo.config import PROJECT_ROOT, Config, build_config
+from safetydpo.config import PROJECT_ROOT, Config, GenerationConfig, ModelConfig, build_config
 from safetydpo.data import DataError
 from safetydpo.data.pairs import MANIFEST, SCHEMA, build_pairs, read_pairs, read_pairs_pandas
 from safetydpo.generation import PairRenderer, dataset_fingerprint, generate_pairs, pairs_location
 from safetydpo.pipelines import decode_png
 from safetydpo.plots import image_grid
+from safetydpo.rendering import PromptRenderer
 
 GENERATE = PROJECT_ROOT / "jobs" / "generate.py"
 # 2 categories x (4 train + 1 validation) = 10 pairs in shards of 3, 3, 3, 1.
@@ -254,3 +255,13 @@ def test_image_grid_places_each_image_in_its_cell():
         for j in range(3):
             y, x = top + 4 + i * 20, label_width + 4 + j * 20
             assert np.array_equal(grid[y:y + 16:2, x:x + 16:2], images[i][j])
+
+
+def test_renderer_honours_the_configured_resolution():
+    """``model.resolution`` sets the rendered size (SD 2.1 at 768, SDXL at 1024); None keeps the model's."""
+    batch = {"seed": np.array([1]), "prompt": np.array(["a ball on the left, teal background"], dtype=object)}
+    for resolution, side in ((None, 32), (48, 48)):
+        renderer = PromptRenderer(ModelConfig(pretrained="toy", resolution=resolution),
+                                  GenerationConfig(num_inference_steps=2), {"prompt": "image"})
+        image = decode_png(renderer(dict(batch))["image"][0])
+        assert image.shape == (side, side, 3)

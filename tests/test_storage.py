@@ -1,0 +1,28 @@
+"""Atomic writes of the run root: no partial file is ever visible, and files get normal permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from safetydpo import storage
+
+
+def test_write_bytes_is_atomic_and_readable_by_others(tmp_path):
+    target = tmp_path / "deep" / "file.json"
+    storage.write_json(str(target), {"a": 1})
+    assert storage.read_json(str(target)) == {"a": 1}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~storage._UMASK  # what open() would give, not 0600
+    assert [p.name for p in target.parent.iterdir()] == ["file.json"]  # no temp file left behind
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "file.txt"
+    storage.write_text(str(target), "old")
+
+    with pytest.raises(TypeError):  # fails after the temp file exists, while writing it
+        storage.write_bytes(str(target), "not bytes")  # type: ignore[arg-type]
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["file.txt"]
