@@ -193,7 +193,7 @@ class ServeConfig(Section):
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0.0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0)  # work queued during a render is batched anyway (RenderQueue)
     max_num_models_per_replica: int = Field(4, ge=1)
     max_prompt_tokens: int = Field(77, ge=1)
     max_images: int = Field(4, ge=1)

@@ -249,12 +249,17 @@ def scan_pairs(pairs: str, names: list[str], num_workers: int = 1,
 
 
 def pairs_dataset(files: list[str], spec: ExpertSpec, pairs: str) -> ray.data.Dataset:
-    """The expert's training rows as a Ray Dataset (Ray Data pushes filter and columns into the read)."""
+    """The expert's training rows, read once into the object store (filter and columns pushed into the read).
+
+    Training loops over these rows for many epochs; materialised, each epoch replays blocks from the
+    object store instead of listing and reading the Parquet files again (which, for a category's few
+    thousand pairs, cost more than the epoch's DPO steps). Workers reshuffle every epoch as they iterate.
+    """
     fs, _ = _filesystem(pairs)
     rows = (col("split") == TRAIN_SPLIT) & col("category").is_in(list(spec.file_values))
     columns = ["pair_id", "unsafe_prompt", "safe_prompt", "unsafe_image", "safe_image"]
-    return (ray.data.read_parquet(files, filesystem=fs).filter(expr=rows).select_columns(columns)
-            .randomize_block_order())
+    dataset = ray.data.read_parquet(files, filesystem=fs).filter(expr=rows).select_columns(columns)
+    return dataset.materialize().randomize_block_order()
 
 
 # -- fingerprints and outputs ---------------------------------------------------------------------

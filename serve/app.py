@@ -7,8 +7,9 @@
 LoRAs) are loaded onto that one pipeline through Serve's multiplexing (an LRU of
 ``serve.max_num_models_per_replica`` adapters per replica) and requests are routed by their
 multiplexed model id, so traffic for an adapter goes where it is already loaded. Requests for one
-adapter are batched with ``@serve.batch``, grouped by sampling settings and rendered through
-``safetydpo.rendering.render`` under a lock that also covers switching adapters.
+adapter are batched with ``@serve.batch`` and handed to a :class:`serve.render_queue.RenderQueue`, which
+renders all queued work with equal settings in one ``safetydpo.rendering.render`` call, under a lock
+that also covers switching adapters.
 
 No ``from __future__ import annotations`` here: FastAPI reads the per-deployment request model
 from the route's annotations at runtime.
@@ -47,6 +48,7 @@ from safetydpo.config import Config, load_config
 from safetydpo.pipelines import load_pipeline, model_path, png_bytes
 from safetydpo.rendering import render
 from serve.adapters import Catalog, ModelUnavailable
+from serve.render_queue import RenderQueue
 from serve.schemas import (
     BASE,
     MAX_SEED,
@@ -66,6 +68,7 @@ MODEL_DEPLOYMENT = "ImageModel"
 INGRESS_DEPLOYMENT = "Ingress"
 PAGE = Path(__file__).with_name("page.html")
 RETRY_AFTER_S = 1  # what a client told 503 waits before trying again
+BATCHES_IN_FLIGHT = 64  # Serve batches a replica accepts at once; the RenderQueue coalesces them
 INGRESS_HEADROOM = 64  # concurrent requests the ingress takes beyond what the model deployment can hold
 
 
@@ -164,8 +167,11 @@ class ImageModel:
 
         self.load_adapter = serve.multiplexed(
             max_num_models_per_replica=config.serve.max_num_models_per_replica)(load)
-        self.generate.set_max_batch_size(max(config.serve.max_batch_size, config.serve.max_images))
+        images_per_call = max(config.serve.max_batch_size, config.serve.max_images)
+        self.generate.set_max_batch_size(images_per_call)
         self.generate.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
+        self.renders = RenderQueue(self._render, key=lambda job: job.settings, size=lambda job: job.n,
+                                   max_images=images_per_call)
 
     async def _load_adapter(self, model_id: str) -> Adapter:
         source = await asyncio.to_thread(self.catalog.source, model_id)
@@ -177,21 +183,18 @@ class ImageModel:
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelUnavailable(f"{model_id}: cannot load the LoRA {source}: {err}") from None
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_images)
+    # Serve forms the next batch while the last one renders; letting every formed batch through
+    # (rather than Serve's default of one at a time) hands them all to the RenderQueue, which merges
+    # whatever waited into the next pipeline call.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=_images,
+                 max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def generate(self, jobs: list[Job]) -> list[list[bytes]]:
         """PNG bytes per job; Serve hands this replica only jobs for one multiplexed model id."""
         adapter = await self.load_adapter(serve.get_multiplexed_model_id())
-        groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.settings, []).append(i)
-        results: list[list[bytes]] = [[] for _ in jobs]
-        for rows in groups.values():
-            rendered = await asyncio.to_thread(self._render, adapter, [jobs[i] for i in rows])
-            for i, images in zip(rows, rendered, strict=True):
-                results[i] = images
-        return results
+        return await self.renders.submit(adapter, jobs)
 
     def _render(self, adapter: Adapter, jobs: list[Job]) -> list[list[bytes]]:
+        """One pipeline call for ``jobs``, which share their sampling settings (``Job.settings``)."""
         first = jobs[0]
         prompts = [job.prompt for job in jobs for _ in range(job.n)]
         seeds = [job.seed + k for job in jobs for k in range(job.n)]
