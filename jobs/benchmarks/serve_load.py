@@ -4,10 +4,11 @@
         [--max-seconds 60] [--out runs/benchmarks/serve_load.json] [key.sub=value ...]
 
 Ways to get one PNG for a prompt, each driven closed-loop by N clients (N = concurrency): Serve
-with dynamic batching (``serve.max_batch_size``, waiting ``serve.batch_wait_timeout_s`` and 5 ms
-for a batch to fill), Serve without (batch size 1), and the pipeline called in-process under a
-lock (the floor: no HTTP, no actors). Load stays on 127.0.0.1; a cell sends max(``requests``,
-4 N) requests or stops after ``max-seconds``.
+with batching (the replica's RenderQueue, after waiting ``serve.batch_wait_timeout_s``, or 5 ms,
+for Serve's batch to fill), Serve without (one image per call), and the pipeline called in-process
+under a lock (the floor: no HTTP, no actors; measured with Ray and Serve started, as the other
+modes are). Load stays on 127.0.0.1; a cell sends max(``requests``, 4 N) requests or stops after
+``max-seconds``.
 Every request renders one image with the config's steps and guidance; the model is the merged
 LoRA when the run root has one, else the base model (with a throwaway base key).
 Targets: Serve's p50 at concurrency 1 within 15 ms of in-process; batching >= 2x the
@@ -178,15 +179,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"mode": mode, **closed_loop(call, c, max(args.requests, 4 * c), args.max_seconds)})
             print(rows[-1], flush=True)
 
-    floor = in_process(config, lora)
-    warm_up(floor, WARM_UP_S)
-    measure("in-process", floor)
-
     ray.init(address="local", include_dashboard=False)
     port = _free_port()
     url = f"http://{HOST}:{port}"
     serve.start(http_options={"host": HOST, "port": port})
     try:
+        # The floor runs with Ray and Serve's controller and proxy up, as every Serve mode does: on a
+        # small machine their background work would otherwise count as Serve's overhead.
+        floor = in_process(config, lora)
+        warm_up(floor, WARM_UP_S)
+        measure("in-process", floor)
         size, config_wait = config.serve.max_batch_size, config.serve.batch_wait_timeout_s
         variants = [("serve-batched", size, config_wait), ("serve-batched-wait5ms", size, 0.005),
                     ("serve-unbatched", 1, config_wait)]
