@@ -39,7 +39,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
@@ -270,13 +270,6 @@ class Ingress:
         if model_id == BASE and not _matches(token, self.keys["base"]):
             reason = "send the base key as bearer token" if self.keys["base"] else "no base key is configured"
             raise HTTPException(403, f"the unaligned base model is restricted: {reason}")
-        try:
-            await asyncio.to_thread(self.catalog.source, model_id)
-        except ModelUnavailable as err:
-            raise HTTPException(422, error_detail("model", str(err))) from None
-        except MlflowException as err:
-            raise HTTPException(503, f"model registry unavailable: {err.message}",
-                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
         job = Job(body.prompt, body.negative_prompt, body.n, seed, body.num_inference_steps,
                   body.guidance_scale, body.width, body.height)
@@ -294,8 +287,10 @@ class Ingress:
     async def _render(self, model_id: str, job: Job) -> list[bytes]:
         """Images from a model replica; one retry on another replica if the first one dies mid-call.
 
-        Rendering is a pure function of the job (seeded), so the retry returns the same images.
-        Overload (``BackPressureError``) is left to Serve, which answers 503 with ``Retry-After``.
+        The replica resolves ``model_id`` when it loads the adapter (once per replica, not per
+        request); a model id with nothing behind it answers 422 from there. Rendering is a pure
+        function of the job (seeded), so the retry returns the same images. Overload
+        (``BackPressureError``) is left to Serve, which answers 503 with ``Retry-After``.
         """
         handle = self.model.options(multiplexed_model_id=model_id)
         try:
@@ -308,6 +303,11 @@ class Ingress:
         except RayActorError:
             raise HTTPException(503, "model replica lost; retry",
                                 headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except RayTaskError as err:
+            if isinstance(err.cause, MlflowException):
+                raise HTTPException(503, f"model registry unavailable: {err.cause.message}",
+                                    headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise
 
 
 def create_api(svc: Ingress) -> FastAPI:
