@@ -10,6 +10,7 @@ so it never meets the session's in-process Ray.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -24,8 +25,8 @@ from safetydpo import experts, storage, tracking
 from safetydpo.config import build_config
 from safetydpo.generation import generate_pairs
 
-MAX_STEPS = 8
-CHECKPOINT_EVERY = 2
+MAX_STEPS = 24  # the Hate worker is killed at its first registered checkpoint: enough steps remain
+CHECKPOINT_EVERY = 4
 
 
 def _config(root: Path):
@@ -41,21 +42,37 @@ def _config(root: Path):
     })
 
 
+def _registered_step(root: Path) -> int | None:
+    """The step of Hate's latest checkpoint that Ray Train's controller has registered (the one a
+    restarted worker resumes from), read from the controller's checkpoint-manager snapshot."""
+    for snapshot in (root / "experts" / "_ray").glob("hate-*/checkpoint_manager_snapshot.json"):
+        latest = json.loads(snapshot.read_text() or "{}").get("latest_checkpoint_result")
+        if latest:
+            return int(latest["metrics"]["step"])
+    return None
+
+
 def _kill_hate_worker_after_checkpoint(root: Path, killed: dict, timeout_s: float = 900) -> None:
-    """SIGKILL Hate's rank-0 training worker once its first checkpoint is surely registered: a second
-    one is being written (``ray.train.report`` returns only after registering the first)."""
+    """SIGKILL Hate's rank-0 training worker as soon as a checkpoint of it is registered.
+
+    A checkpoint directory on disk is not enough: the controller registers it only when it next polls
+    the worker (every 2 s), and a worker killed before that restarts from scratch."""
     deadline = time.monotonic() + timeout_s
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     while time.monotonic() < deadline:
-        if len(list((root / "experts" / "_ray").glob("hate-*/checkpoint_*"))) >= 2:
+        try:
+            step = _registered_step(root)
+        except (json.JSONDecodeError, OSError):  # the snapshot is being rewritten
+            step = None
+        if step is not None:
             runs = client.search_runs(
                 [client.get_experiment_by_name("faults").experiment_id],
                 filter_string=f"tags.`{tracking.STAGE_TAG}` = 'expert/hate'")
             pid = int(runs[0].data.tags["safetydpo.pid"])
             os.kill(pid, signal.SIGKILL)
-            killed["pid"] = pid
+            killed.update(pid=pid, registered_step=step)
             return
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def _scenario(root: str) -> None:
@@ -95,7 +112,8 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path):
     assert process.exitcode == 0
 
     killed = storage.read_json(str(tmp_path / "killed.json"))
-    assert killed, "the Hate worker was never killed: no checkpoint appeared"
+    assert killed, "the Hate worker was never killed: no checkpoint was registered"
+    assert killed["registered_step"] < MAX_STEPS, "Hate had finished before the kill: give it more steps"
     config = _config(tmp_path)
     for name in ("Hate", "Violence"):
         meta = storage.read_json(storage.join(experts.expert_dir(config.run_root, name), experts.EXPERT_JSON))
@@ -108,7 +126,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path):
     assert len(runs) == 2 and set(by_name) == {"expert/hate", "expert/violence"}  # no duplicate runs
     hate, violence = by_name["expert/hate"], by_name["expert/violence"]
     resumed = hate.data.metrics["resumed_from_step"]
-    assert resumed >= CHECKPOINT_EVERY and resumed % CHECKPOINT_EVERY == 0
+    assert resumed >= killed["registered_step"] and resumed % CHECKPOINT_EVERY == 0
     assert int(hate.data.tags["safetydpo.pid"]) != killed["pid"]  # a new worker process finished it
     hate_steps = {m.step for m in client.get_metric_history(hate.info.run_id, "loss")}
     assert hate_steps == set(range(1, MAX_STEPS + 1))
