@@ -79,6 +79,7 @@ class DPOConfig(Section):
     """Diffusion-DPO objective and LoRA optimisation for one expert."""
 
     beta: float = Field(5000.0, gt=0.0)
+    sft_weight: float = Field(0.0, ge=0.0)  # weight of the winner's MSE added to the loss; 0: pure DPO
     pairing: Literal["unsafe", "safe", "both"] = "unsafe"  # which prompt is the caption
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     random_flip: bool = False

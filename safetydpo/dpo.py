@@ -12,6 +12,11 @@ better *relative to the reference* than it fits the loser. ``beta`` follows the 
 convention (5000 for SD 1.5); diffusers' Diffusion-DPO research script folds the 1/2 into its beta,
 so its ``beta_dpo=2500`` is this module's ``beta=5000``.
 
+``sft_weight`` optionally adds ``sft_weight * mse_w``, a supervised term on the winner (DPO+SFT, as
+in RPO, Pang et al. 2024): pure DPO can meet its objective by fitting the *loser* worse, which
+unlearns the unsafe image without teaching the safe one; the winner term makes the model move
+towards the safe twin. 0 (default) is the paper's pure Diffusion-DPO.
+
 The reference is a no-grad forward of the same UNet with its adapters disabled, not a second copy:
 with LoRA the base weights are frozen, so "LoRA off" *is* the reference, at no extra weight memory.
 """
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-METRIC_NAMES = ("loss", "implicit_acc", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l")
+METRIC_NAMES = ("loss", "dpo_loss", "implicit_acc", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l")
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -36,16 +41,19 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def dpo_loss(mse_w: torch.Tensor, mse_l: torch.Tensor, ref_mse_w: torch.Tensor, ref_mse_l: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion-DPO loss from per-sample MSEs (each (N,)), and detached batch-mean metrics.
+             beta: float, sft_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO loss (plus ``sft_weight`` times the winner's MSE) from per-sample MSEs (each (N,)),
+    and detached batch-mean metrics.
 
     ``reward_margin`` is the implicit reward of the winner minus the loser's (the logit inside the
     sigmoid); ``implicit_acc`` is the share of pairs where it is positive (ties at init count as 0).
     """
     inside = -0.5 * beta * ((mse_w - mse_l) - (ref_mse_w - ref_mse_l))
-    loss = -F.logsigmoid(inside).mean()
+    dpo = -F.logsigmoid(inside).mean()
+    loss = dpo + sft_weight * mse_w.mean() if sft_weight else dpo
     metrics = {
         "loss": loss.detach(),
+        "dpo_loss": dpo.detach(),
         "implicit_acc": (inside > 0).float().mean().detach(),
         "reward_margin": inside.mean().detach(),
         "mse_w": mse_w.mean().detach(),
@@ -84,7 +92,8 @@ class DPOOutput:
 
 
 def dpo_step(unet: UNet2DConditionModel, scheduler: SchedulerMixin, winner: torch.Tensor, loser: torch.Tensor,
-             encoder_hidden_states: torch.Tensor, beta: float, generator: torch.Generator | None = None,
+             encoder_hidden_states: torch.Tensor, beta: float, sft_weight: float = 0.0,
+             generator: torch.Generator | None = None,
              model: torch.nn.Module | None = None, reference: torch.nn.Module | None = None) -> DPOOutput:
     """Loss and metrics of one batch of pairs (latents (N,C,h,w), text states (N,L,D)).
 
@@ -108,5 +117,5 @@ def dpo_step(unet: UNet2DConditionModel, scheduler: SchedulerMixin, winner: torc
     with torch.no_grad(), adapters_disabled(unet) if reference is None else nullcontext(reference) as ref:
         ref_mse = per_sample_mse(ref(noisy, t2, states).sample, target)
     mse = per_sample_mse((model or unet)(noisy, t2, states).sample, target)
-    loss, metrics = dpo_loss(mse[:n], mse[n:], ref_mse[:n], ref_mse[n:], beta)
+    loss, metrics = dpo_loss(mse[:n], mse[n:], ref_mse[:n], ref_mse[n:], beta, sft_weight)
     return DPOOutput(loss, metrics)

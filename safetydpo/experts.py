@@ -457,7 +457,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     with sync:
                         with autocast:
                             out = dpo_step(unet, pipe.scheduler, *latents.chunk(2), states, dpo.beta,
-                                           generator=generator, model=model)
+                                           dpo.sft_weight, generator=generator, model=model)
                         values = _global_mean(torch.stack([out.metrics[k] for k in METRIC_NAMES]), world)
                         if not torch.isfinite(values[0]):
                             raise _NonFinite(f"loss {values[0].item()}")

@@ -78,6 +78,10 @@ def test_loss_matches_hand_computation():
     assert metrics["implicit_acc"].item() == pytest.approx(sum(x > 0 for x in insides) / 3)
     assert metrics["mse_w"].item() == pytest.approx(mse_w.mean().item())
 
+    with_sft, sft_metrics = dpo_loss(mse_w, mse_l, ref_w, ref_l, beta, sft_weight=2.0)
+    assert with_sft.item() == pytest.approx(expected + 2.0 * mse_w.mean().item(), rel=1e-6)
+    assert sft_metrics["dpo_loss"].item() == pytest.approx(expected, rel=1e-6)
+
 
 def test_per_sample_mse_is_fp32_per_sample():
     pred = torch.ones(2, 4, 3, 3, dtype=torch.bfloat16)
