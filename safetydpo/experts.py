@@ -450,7 +450,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     with torch.no_grad():
                         pixels = torch.from_numpy(np.concatenate([winners, losers]))
                         pixels = pixels.to(device, pipe.vae.dtype)
-                        latents = pipe.vae.encode(pixels).latent_dist.sample(generator)
+                        # The posterior's mode, not a sample: a VAE trained with a weak KL term (the toy
+                        # world's) has a posterior std as large as its latents, and a sample is noise to a
+                        # UNet trained on modes; SD's VAE posterior is narrow, so there the two differ little.
+                        latents = pipe.vae.encode(pixels).latent_dist.mode()
                         latents = (latents * pipe.vae.config.scaling_factor).to(unet.dtype)
                         states = pipe.encode_prompt(captions, device, 1, False)[0]
                     sync = model.no_sync() if world > 1 and micro < accum - 1 else nullcontext()

@@ -154,6 +154,9 @@ def test_train_experts_concurrently_with_a_failing_expert(pairs, ray_local, mlfl
     meta = storage.read_json(storage.join(hate, experts.EXPERT_JSON))
     assert meta["steps"] == MAX_STEPS and meta["num_pairs"] == 4 and meta["categories"] == ["Hate"]
     assert math.isfinite(meta["final_metrics"]["loss"]) and "implicit_acc" in meta["final_metrics"]
+    # The base model rendered these pairs, so it denoises their latents well (~0.05; encoding a VAE
+    # posterior sample instead of its mode gave ~0.9, and the experts learned nothing).
+    assert meta["final_metrics"]["ref_mse_l"] < 0.3
     assert meta["config"]["dpo"]["learning_rate"] == 1e-3
     assert experts.lora_paths(config) == {"Hate": storage.join(hate, WEIGHTS_NAME)}
     assert not Path(experts.expert_dir(config.run_root, "Violence")).exists()
