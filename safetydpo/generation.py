@@ -222,8 +222,8 @@ def log_generation(path: str, per_category: int = 2) -> dict[str, float]:
         for split, n in splits.items():
             metrics[f"pairs/{split}"] = metrics.get(f"pairs/{split}", 0) + n
     metrics |= {f"pairs/skipped_rows/{k.replace(' ', '_')}": n for k, n in manifest["skipped_rows"].items()}
-    run = manifest["last_run"]
-    metrics["pairs/rendered_this_run"] = run["pairs_rendered"]
+    run = manifest["last_run"]  # the run that finished the dataset: a reusing run renders nothing
+    metrics["pairs/rendered_by_finishing_run"] = run["pairs_rendered"]
     if run["pairs_rendered"]:
         metrics |= {"pairs/pairs_per_s": run["pairs_per_s"], "pairs/images_per_s": run["images_per_s"],
                     "pairs/seconds": run["seconds"]}
