@@ -8,8 +8,8 @@ with batching (the replica's RenderQueue, after waiting ``serve.batch_wait_timeo
 for Serve's batch to fill), Serve without (one image per call), and the pipeline called in-process
 under a lock (the floor: no HTTP, no actors; measured with Ray and Serve started, as the other
 modes are). Serve's overhead is also measured paired: in-process and served calls in turn, so both
-see the same background load. Load stays on 127.0.0.1; a cell sends max(``requests``, 4 N) requests or stops after
-``max-seconds``.
+see the same background load. Load stays on 127.0.0.1; a cell sends max(``requests``, 4 N)
+requests or stops after ``max-seconds``.
 Every request renders one image with the config's steps and guidance; the model is the merged
 LoRA when the run root has one, else the base model (with a throwaway base key).
 Targets: Serve's p50 at concurrency 1 within 15 ms of in-process; batching >= 2x the
@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     result = {"rows": rows, "interleaved_c1": paired, "targets": verdicts(rows, paired), "model": model,
-              "cpus": os.cpu_count(),
-              "steps": config.generation.num_inference_steps, "max_batch_size": config.serve.max_batch_size,
+              "cpus": os.cpu_count(), "steps": config.generation.num_inference_steps,
+              "max_batch_size": config.serve.max_batch_size,
               "batch_wait_timeout_s": config.serve.batch_wait_timeout_s}
     storage.write_json(args.out, result)
     print("\n" + _table(rows))
