@@ -80,6 +80,11 @@ class DPOConfig(Section):
 
     beta: float = Field(5000.0, gt=0.0)
     sft_weight: float = Field(0.0, ge=0.0)  # weight of the winner's MSE added to the loss; 0: pure DPO
+    # Distillation terms (safetydpo/dpo.py); 0: off. anchor: the model under the caption predicts what the
+    # reference predicts under the safe prompt. preserve: the model predicts what the reference does on
+    # benign images of every category's safe prompts, captioned and unconditional.
+    anchor_weight: float = Field(0.0, ge=0.0)
+    preserve_weight: float = Field(0.0, ge=0.0)
     pairing: Literal["unsafe", "safe", "both"] = "unsafe"  # which prompt is the caption
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     random_flip: bool = False

@@ -17,6 +17,20 @@ in RPO, Pang et al. 2024): pure DPO can meet its objective by fitting the *loser
 unlearns the unsafe image without teaching the safe one; the winner term makes the model move
 towards the safe twin. 0 (default) is the paper's pure Diffusion-DPO.
 
+Two optional terms keep an expert from damaging what it should not touch; both distill from the
+reference, so their optimum is "change nothing" whatever the quality of the data:
+
+- ``anchor_weight`` times the *anchor* error: at the noisy winner and loser latents, the model under
+  the pair's caption should predict what the reference predicts under the **safe** prompt (the
+  model-based objective of Concept Ablation, Kumari et al. 2023, with the safe twin as anchor). It
+  teaches the unsafe prompt to render its safe twin, and, unlike ``sft_weight``, with a target that
+  is the reference's own guided behaviour rather than one noisy sample.
+- ``preserve_weight`` times the *preservation* error: on benign latents (``Benign``: images of
+  other prompts, noised at their own timestep) the model should predict what the reference does,
+  under their captions and under the empty caption. Classifier-free guidance multiplies any change
+  of the conditional-minus-unconditional prediction by the guidance scale, so a LoRA trained only on
+  the expert's own captions also redraws benign objects; this term pins them.
+
 The reference is a no-grad forward of the same UNet with its adapters disabled, not a second copy:
 with LoRA the base weights are frozen, so "LoRA off" *is* the reference, at no extra weight memory.
 """
@@ -88,21 +102,34 @@ def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionMod
 @dataclass
 class DPOOutput:
     loss: torch.Tensor  # scalar, carries the graph to the LoRA parameters
-    metrics: dict[str, torch.Tensor]  # detached scalars named as in METRIC_NAMES
+    metrics: dict[str, torch.Tensor]  # detached scalars: METRIC_NAMES, plus anchor_mse / preserve_mse when on
+
+
+@dataclass
+class Benign:
+    """Inputs the preservation term keeps as the reference has them."""
+
+    latents: torch.Tensor  # (M, C, h, w) clean latents of benign images
+    states: torch.Tensor  # (M, L, D) text states of their captions
+    empty_states: torch.Tensor  # (1, L, D) text states of "", classifier-free guidance's unconditional input
 
 
 def dpo_step(unet: UNet2DConditionModel, scheduler: SchedulerMixin, winner: torch.Tensor, loser: torch.Tensor,
-             encoder_hidden_states: torch.Tensor, beta: float, sft_weight: float = 0.0,
+             encoder_hidden_states: torch.Tensor, beta: float, sft_weight: float = 0.0, *,
+             anchor_states: torch.Tensor | None = None, anchor_weight: float = 0.0,
+             benign: Benign | None = None, preserve_weight: float = 0.0,
              generator: torch.Generator | None = None,
              model: torch.nn.Module | None = None, reference: torch.nn.Module | None = None) -> DPOOutput:
     """Loss and metrics of one batch of pairs (latents (N,C,h,w), text states (N,L,D)).
 
-    Draws one timestep and one noise per pair, shared by winner and loser. Winner and loser go
-    through the UNet as one 2N batch. The reference forward runs first, without grad, so its
-    activations are freed before the model forward builds its graph. ``model`` is what the
-    gradient forward calls (e.g. the DDP wrapper of ``unet``); default ``unet``. ``reference`` is a
-    separate frozen model (full fine-tuning, or the copy-based baseline of the benchmark); default:
-    ``unet`` with its adapters disabled.
+    Draws one timestep and one noise per pair, shared by winner and loser. Everything the trained
+    model sees (winner and loser, then the benign inputs when ``preserve_weight``) goes through it as
+    one batch; the reference sees the same plus, when ``anchor_weight``, the pairs under
+    ``anchor_states`` (the safe prompts' states, (N,L,D)). The reference forward runs first,
+    without grad, so its activations are freed before the model forward builds its graph.
+    ``model`` is what the gradient forward calls (e.g. the DDP wrapper of ``unet``); default
+    ``unet``. ``reference`` is a separate frozen model (full fine-tuning, or the copy-based
+    baseline of the benchmark); default: ``unet`` with its adapters disabled.
     """
     n = winner.shape[0]
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), device=winner.device,
@@ -112,10 +139,32 @@ def dpo_step(unet: UNet2DConditionModel, scheduler: SchedulerMixin, winner: torc
     noise2, t2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
     noisy = scheduler.add_noise(latents, noise2, t2)
     target = training_target(scheduler, latents, noise2, t2)
-    states = torch.cat([encoder_hidden_states, encoder_hidden_states])
+    inputs = [(noisy, t2, torch.cat([encoder_hidden_states, encoder_hidden_states]))]
+    if preserve_weight and benign is not None:
+        m = benign.latents.shape[0]
+        t_b = torch.randint(0, scheduler.config.num_train_timesteps, (m,), device=winner.device,
+                            generator=generator).long()
+        noise_b = torch.randn(benign.latents.shape, device=winner.device, dtype=winner.dtype, generator=generator)
+        noisy_b = scheduler.add_noise(benign.latents, noise_b, t_b)
+        inputs += [(noisy_b, t_b, benign.states), (noisy_b, t_b, benign.empty_states.expand(m, -1, -1))]
+    anchored = bool(anchor_weight) and anchor_states is not None
+    ref_inputs = inputs + ([(noisy, t2, torch.cat([anchor_states, anchor_states]))] if anchored else [])
+
+    def forward(net: torch.nn.Module, batch: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        return net(*(torch.cat(part) for part in zip(*batch, strict=True))).sample
 
     with torch.no_grad(), adapters_disabled(unet) if reference is None else nullcontext(reference) as ref:
-        ref_mse = per_sample_mse(ref(noisy, t2, states).sample, target)
-    mse = per_sample_mse((model or unet)(noisy, t2, states).sample, target)
+        ref_pred = forward(ref, ref_inputs)
+    pred = forward(model or unet, inputs)
+    mse, ref_mse = per_sample_mse(pred[:2 * n], target), per_sample_mse(ref_pred[:2 * n], target)
     loss, metrics = dpo_loss(mse[:n], mse[n:], ref_mse[:n], ref_mse[n:], beta, sft_weight)
+    if anchored:
+        anchor = per_sample_mse(pred[:2 * n], ref_pred[-2 * n:]).mean()
+        loss = loss + anchor_weight * anchor
+        metrics["anchor_mse"] = anchor.detach()
+    if len(inputs) > 1:
+        preserve = per_sample_mse(pred[2 * n:], ref_pred[2 * n:pred.shape[0]]).mean()
+        loss = loss + preserve_weight * preserve
+        metrics["preserve_mse"] = preserve.detach()
+    metrics["loss"] = loss.detach()
     return DPOOutput(loss, metrics)

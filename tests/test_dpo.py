@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from safetydpo.config import DPOConfig
-from safetydpo.dpo import adapters_disabled, dpo_loss, dpo_step, per_sample_mse, training_target
+from safetydpo.dpo import Benign, adapters_disabled, dpo_loss, dpo_step, per_sample_mse, training_target
 from safetydpo.lora import add_lora
 from safetydpo.toyworld.models import load_toy_pipeline
 from safetydpo.toyworld.render import render_scene
@@ -39,6 +39,25 @@ def batch(pipe):
     with torch.no_grad():
         states = pipe.encode_prompt(captions, "cpu", 1, False)[0]
     return winners, losers, states
+
+
+@pytest.fixture(scope="module")
+def extras(pipe):
+    """The pairs' safe prompts (the anchors) and three benign images with their captions, plus ""."""
+    anchors = ["a ball on a white background at the left", "a kite on a blue background at the right"]
+    benign_captions = ["a tent on the left, gray background", "a cup on the middle, sand background",
+                       "a moon on the right, green background"]
+    latents = _latents(pipe, [Scene("tent", "gray", "left"), Scene("cup", "sand", "middle"),
+                              Scene("moon", "green", "right")])
+    with torch.no_grad():
+        states = pipe.encode_prompt(anchors + benign_captions + [""], "cpu", 1, False)[0]
+    return states[:2], Benign(latents, states[2:5], states[5:])
+
+
+def _perturb(params, amount: float = 0.05) -> None:
+    with torch.no_grad():
+        for p in params:
+            p.add_(amount)  # a non-trivial adapter, so LoRA on and off differ
 
 
 def _lora_unet(pipe, **overrides):
@@ -134,9 +153,7 @@ def test_v_prediction_target(pipe, batch):
 
 def test_adapters_come_back_after_an_error(pipe, batch):
     unet, params = _lora_unet(pipe)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.05)  # a non-trivial adapter, so on and off differ
+    _perturb(params)
     winners, _, states = batch
     t = torch.tensor([500, 500])
     on = unet(winners, t, states).sample
@@ -147,19 +164,94 @@ def test_adapters_come_back_after_an_error(pipe, batch):
     assert torch.equal(unet(winners, t, states).sample, on)
 
 
-def test_lora_off_reference_equals_a_frozen_copy(pipe, batch):
+def test_lora_off_reference_equals_a_frozen_copy(pipe, batch, extras):
     """The copy-free reference computes exactly what a frozen copy of the base UNet would."""
     copy_reference = copy.deepcopy(pipe.unet).requires_grad_(False)
     unet, params = _lora_unet(pipe)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.05)
+    _perturb(params)
+    anchor_states, benign = extras
 
     def step(**kwargs):
         return dpo_step(unet, pipe.scheduler, *batch, beta=5000.0, generator=torch.Generator().manual_seed(2),
+                        anchor_states=anchor_states, anchor_weight=1.0, benign=benign, preserve_weight=1.0,
                         **kwargs)
 
     ours, theirs = step(), step(reference=copy_reference)
     assert ours.metrics["ref_mse_w"].item() != ours.metrics["mse_w"].item()
-    for key in ("loss", "ref_mse_w", "ref_mse_l", "mse_w", "mse_l"):
+    for key in ("loss", "ref_mse_w", "ref_mse_l", "mse_w", "mse_l", "anchor_mse", "preserve_mse"):
         assert torch.equal(ours.metrics[key], theirs.metrics[key]), key
+
+
+def test_anchor_and_preservation_terms_match_hand_computation(pipe, batch, extras):
+    """The two distillation terms, recomputed from the same random draws: the anchor compares the model
+    under the pair's caption with the reference under the safe prompt, at the winner's and the loser's
+    noisy latents; preservation compares model and reference on noised benign latents, captioned and not."""
+    winners, losers, states = batch
+    anchor_states, benign = extras
+    unet, params = _lora_unet(pipe)
+    _perturb(params)
+    out = dpo_step(unet, pipe.scheduler, winners, losers, states, beta=5000.0, anchor_states=anchor_states,
+                   anchor_weight=2.0, benign=benign, preserve_weight=3.0, generator=torch.Generator().manual_seed(4))
+
+    g = torch.Generator().manual_seed(4)  # dpo_step's draws, in its order
+    steps = pipe.scheduler.config.num_train_timesteps
+    t = torch.randint(0, steps, (2,), generator=g)
+    noise = torch.randn(winners.shape, generator=g)
+    t_b = torch.randint(0, steps, (3,), generator=g)
+    noise_b = torch.randn(benign.latents.shape, generator=g)
+    sched = pipe.scheduler
+    noisy = sched.add_noise(torch.cat([winners, losers]), torch.cat([noise, noise]), torch.cat([t, t]))
+    noisy_b = sched.add_noise(benign.latents, noise_b, t_b)
+    t2 = torch.cat([t, t])
+    with torch.no_grad():
+        model_pairs = unet(noisy, t2, torch.cat([states, states])).sample
+        model_b = unet(torch.cat([noisy_b, noisy_b]), torch.cat([t_b, t_b]),
+                       torch.cat([benign.states, benign.empty_states.expand(3, -1, -1)])).sample
+        with adapters_disabled(unet):
+            ref_anchor = unet(noisy, t2, torch.cat([anchor_states, anchor_states])).sample
+            ref_b = unet(torch.cat([noisy_b, noisy_b]), torch.cat([t_b, t_b]),
+                         torch.cat([benign.states, benign.empty_states.expand(3, -1, -1)])).sample
+    anchor = per_sample_mse(model_pairs, ref_anchor).mean()
+    preserve = per_sample_mse(model_b, ref_b).mean()
+    assert out.metrics["anchor_mse"].item() == pytest.approx(anchor.item(), rel=1e-4)
+    assert out.metrics["preserve_mse"].item() == pytest.approx(preserve.item(), rel=1e-4)
+    expected = out.metrics["dpo_loss"] + 2.0 * anchor + 3.0 * preserve
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert out.metrics["loss"].item() == out.loss.item()
+
+
+def test_fresh_lora_preserves_exactly_and_anchors_to_the_safe_prompt(pipe, batch, extras):
+    unet, _ = _lora_unet(pipe)
+    anchor_states, benign = extras
+    out = dpo_step(unet, pipe.scheduler, *batch, beta=5000.0, anchor_states=anchor_states, anchor_weight=1.0,
+                   benign=benign, preserve_weight=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.metrics["preserve_mse"].item() < 1e-10  # B = 0: the model is the reference (batch sizes differ)
+    assert out.metrics["anchor_mse"].item() > 0  # the unsafe caption is not yet drawn as its safe twin
+    plain = dpo_step(unet, pipe.scheduler, *batch, beta=5000.0, generator=torch.Generator().manual_seed(0))
+    assert set(plain.metrics) == set(out.metrics) - {"anchor_mse", "preserve_mse"}  # off: neither computed
+
+
+@pytest.mark.parametrize("term", ["anchor", "preserve"])
+def test_training_steps_shrink_each_term(pipe, batch, extras, term):
+    """Alone (beta so small the DPO term has no pull), the anchor draws the unsafe caption towards the
+    safe prompt's prediction, and preservation draws a perturbed adapter back to the reference."""
+    anchor_states, benign = extras
+    unet, params = _lora_unet(pipe)
+    _perturb(params)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    weights = {"anchor_weight": float(term == "anchor"), "preserve_weight": float(term == "preserve")}
+
+    def step():
+        return dpo_step(unet, pipe.scheduler, *batch, beta=1e-6, anchor_states=anchor_states, benign=benign,
+                        generator=torch.Generator().manual_seed(5), **weights)
+
+    first = step()
+    for _ in range(20):
+        out = step()
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last = step()
+    key = f"{term}_mse"
+    assert last.metrics[key].item() < 0.5 * first.metrics[key].item()
