@@ -1,10 +1,12 @@
 """Safety experts: one Diffusion-DPO LoRA per harmful category, trained side by side on Ray.
 
 Each expert is one Ray Train ``TorchTrainer`` (data parallel over ``experts.num_workers``) reading
-its category's rows of the ``pairs/`` Parquet through Ray Data. Experts run as trials of one Ray
-Tune run, at most ``experts.max_concurrent`` at once: the trial function is the trainer's driver,
-which is how Ray Train V2 runs several trainers side by side. A trial reserves memory but no CPU
-(it only waits on its trainer); each trainer's workers reserve ``experts.cpus_per_worker`` each.
+its category's rows of the ``pairs/`` Parquet through Ray Data (and, when ``dpo.preserve_weight`` is
+on, the safe twins of every category as a second dataset, ``benign``, read once for all experts).
+Experts run as trials of one Ray Tune run, at most ``experts.max_concurrent`` at once: the trial
+function is the trainer's driver, which is how Ray Train V2 runs several trainers side by side.
+A trial reserves memory but no CPU (it only waits on its trainer); each trainer's workers reserve
+``experts.cpus_per_worker`` each.
 Ray Data reads the pairs with tasks of one whole CPU, so the concurrency is also bounded by the
 cluster's CPUs: one CPU always stays free for the reads (:func:`concurrency`).
 
@@ -53,7 +55,7 @@ from safetydpo import storage, tracking
 from safetydpo.categories import CATEGORIES, category_slug, normalize_category
 from safetydpo.config import Config, DPOConfig
 from safetydpo.data.pairs import MANIFEST
-from safetydpo.dpo import METRIC_NAMES, adapters_disabled, dpo_step
+from safetydpo.dpo import Benign, adapters_disabled, dpo_step
 from safetydpo.lora import WEIGHTS_NAME, add_lora, load_lora_state, lora_state, save_lora
 from safetydpo.pipelines import decode_png, load_pipeline
 from safetydpo.plots import image_grid
@@ -69,6 +71,7 @@ STATE_FILE = "state.pt"
 COLUMNS = ("pair_id", "category", "unsafe_prompt", "safe_prompt", "seed", "split",
            "unsafe_image", "safe_image")
 TRAIN_SPLIT = "train"
+BENIGN = "benign"  # the Ray Train dataset of the preservation term
 PREVIEW_SPLIT = "validation"
 PREVIEW_IMAGES = 4  # before/after columns in an expert's image grid
 TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}  # the trial's Python process; Tune refuses all-zero
@@ -155,6 +158,7 @@ class ExpertSpec:
     file_values: tuple[str, ...]  # category spellings in the files that map to ``categories``
     num_pairs: int  # training pairs
     data_hash: str  # of every training pair's id, prompts and image bytes
+    benign_hash: str = ""  # the same over every category's training pairs: the preservation term's data
     preview_prompts: tuple[str, ...] = ()  # unsafe prompts of the before/after grid
     preview_seeds: tuple[int, ...] = ()
 
@@ -222,6 +226,7 @@ def scan_pairs(pairs: str, names: list[str], num_workers: int = 1,
     problems: list[str] = []
     for path in pairs_files(pairs):
         _scan_file(fs, path, scans, problems)
+    benign_hash = storage.fingerprint([scan.digest.hexdigest() for scan in scans.values() if scan.pairs], length=16)
     specs = {}
     for name in names:
         categories = tuple(all_categories) if name == ALL else (normalize_category(name),)
@@ -240,6 +245,7 @@ def scan_pairs(pairs: str, names: list[str], num_workers: int = 1,
             num_pairs=count,
             data_hash=storage.fingerprint([scans[c].digest.hexdigest() for c in categories], length=16),
             preview_prompts=tuple(p for p, _ in preview), preview_seeds=tuple(s for _, s in preview),
+            benign_hash=benign_hash,
         )
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
@@ -255,9 +261,17 @@ def pairs_dataset(files: list[str], spec: ExpertSpec, pairs: str) -> ray.data.Da
     object store instead of listing and reading the Parquet files again (which, for a category's few
     thousand pairs, cost more than the epoch's DPO steps). Workers reshuffle every epoch as they iterate.
     """
-    fs, _ = _filesystem(pairs)
     rows = (col("split") == TRAIN_SPLIT) & col("category").is_in(list(spec.file_values))
-    columns = ["pair_id", "unsafe_prompt", "safe_prompt", "unsafe_image", "safe_image"]
+    return _read(files, pairs, rows, ["pair_id", "unsafe_prompt", "safe_prompt", "unsafe_image", "safe_image"])
+
+
+def benign_dataset(files: list[str], pairs: str) -> ray.data.Dataset:
+    """The safe twins of every category's training pairs (prompt and image): the preservation term's inputs."""
+    return _read(files, pairs, col("split") == TRAIN_SPLIT, ["pair_id", "safe_prompt", "safe_image"])
+
+
+def _read(files: list[str], pairs: str, rows, columns: list[str]) -> ray.data.Dataset:
+    fs, _ = _filesystem(pairs)
     dataset = ray.data.read_parquet(files, filesystem=fs).filter(expr=rows).select_columns(columns)
     return dataset.materialize().randomize_block_order()
 
@@ -268,7 +282,8 @@ def expert_fingerprint(config: Config, spec: ExpertSpec) -> str:
     """Hash of everything an expert's weights depend on (not resources, retries or checkpoint cadence)."""
     dpo = config.experts.dpo_for(config.dpo, spec.name)
     return storage.fingerprint(config.model.model_dump(mode="json"), dpo.model_dump(mode="json"),
-                               config.experts.num_workers, spec.categories, spec.data_hash)
+                               config.experts.num_workers, spec.categories, spec.data_hash,
+                               spec.benign_hash if dpo.preserve_weight else None)
 
 
 def is_finished(config: Config, spec: ExpertSpec) -> bool:
@@ -310,8 +325,9 @@ def _pixels(images: np.ndarray, resolution: int, pair_ids: np.ndarray) -> np.nda
 
 
 def _dpo_inputs(batch: dict[str, np.ndarray], dpo: DPOConfig, rng: np.random.Generator,
-                resolution: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Winner (safe) and loser (unsafe) pixels and captions of one batch, as ``dpo.pairing`` says."""
+                resolution: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Winner (safe) and loser (unsafe) pixels, captions as ``dpo.pairing`` says, and each caption's anchor
+    (the safe prompt of its pair). A dropped caption drops its anchor too: "" stays ""."""
     winners = _pixels(batch["safe_image"], resolution, batch["pair_id"])
     losers = _pixels(batch["unsafe_image"], resolution, batch["pair_id"])
     if dpo.random_flip:
@@ -319,15 +335,45 @@ def _dpo_inputs(batch: dict[str, np.ndarray], dpo: DPOConfig, rng: np.random.Gen
         winners[flip], losers[flip] = winners[flip, ..., ::-1], losers[flip, ..., ::-1]
     unsafe, safe = batch["unsafe_prompt"].tolist(), batch["safe_prompt"].tolist()
     captions = {"unsafe": unsafe, "safe": safe, "both": unsafe + safe}[dpo.pairing]
+    anchors = safe + safe if dpo.pairing == "both" else safe
     if dpo.pairing == "both":
         winners, losers = np.concatenate([winners, winners]), np.concatenate([losers, losers])
     drop = rng.random(len(captions)) < dpo.caption_dropout
-    return winners, losers, ["" if d else c for c, d in zip(captions, drop, strict=True)]
+    return (winners, losers, ["" if d else c for c, d in zip(captions, drop, strict=True)],
+            ["" if d else a for a, d in zip(anchors, drop, strict=True)])
 
 
-def _micro_batches(dpo: DPOConfig, rank: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of this worker's shard, epoch after epoch, reshuffled each epoch."""
-    shard = ray.train.get_dataset_shard("train")
+def _step_inputs(pipe, dpo: DPOConfig, batch: dict[str, np.ndarray], benign: dict[str, np.ndarray] | None,
+                 rng: np.random.Generator, resolution: int) -> dict[str, Any]:
+    """:func:`~safetydpo.dpo.dpo_step`'s tensors for one micro-batch of pairs (and of benign rows when
+    preservation is on): VAE latents and text states, each encoded in one call."""
+    winners, losers, captions, anchors = _dpo_inputs(batch, dpo, rng, resolution)
+    images = [winners, losers]
+    texts = list(captions) + (anchors if dpo.anchor_weight else [])
+    if benign is not None:
+        images.append(_pixels(benign["safe_image"], resolution, benign["pair_id"]))
+        texts += benign["safe_prompt"].tolist() + [""]
+    unet, device = pipe.unet, pipe.unet.device
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.concatenate(images)).to(device, pipe.vae.dtype)
+        # The posterior's mode, not a sample: a VAE trained with a weak KL term (the toy world's) has a
+        # posterior std as large as its latents, and a sample is noise to a UNet trained on modes; SD's
+        # VAE posterior is narrow, so there the two differ little.
+        latents = pipe.vae.encode(pixels).latent_dist.mode()
+        latents = (latents * pipe.vae.config.scaling_factor).to(unet.dtype)
+        states = pipe.encode_prompt(texts, device, 1, False)[0]
+    n = len(captions)
+    inputs = {"winner": latents[:n], "loser": latents[n:2 * n], "encoder_hidden_states": states[:n]}
+    if dpo.anchor_weight:
+        inputs["anchor_states"] = states[n:2 * n]
+    if benign is not None:
+        inputs["benign"] = Benign(latents[2 * n:], states[-len(benign["safe_prompt"]) - 1:-1], states[-1:])
+    return inputs
+
+
+def _micro_batches(dpo: DPOConfig, rank: int, start_step: int, name: str = "train") -> Iterator[dict[str, np.ndarray]]:
+    """Batches of this worker's shard of dataset ``name``, epoch after epoch, reshuffled each epoch."""
+    shard = ray.train.get_dataset_shard(name)
     epoch = 0
     while True:
         count = 0
@@ -337,7 +383,7 @@ def _micro_batches(dpo: DPOConfig, rank: int, start_step: int) -> Iterator[dict[
             count += 1
             yield batch
         if count == 0:
-            raise ExpertError(f"worker {rank} received no training pairs")
+            raise ExpertError(f"worker {rank} received no rows of the {name!r} dataset")
         epoch += 1
 
 
@@ -438,34 +484,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         log = _MetricLog(run.info.run_id if run else None)
         accum = dpo.gradient_accumulation_steps
         batches = _micro_batches(dpo, rank, step)
+        benign_batches = _micro_batches(dpo, rank, step, BENIGN) if dpo.preserve_weight else None
         try:
             while step < dpo.max_steps:
-                sums = torch.zeros(len(METRIC_NAMES), device=device)
+                sums = None
                 for micro in range(accum):
-                    batch = next(batches)
                     seed = _step_seed(dpo.seed, rank, step, micro)
                     generator = torch.Generator(device).manual_seed(seed)
-                    winners, losers, captions = _dpo_inputs(batch, dpo, np.random.default_rng(seed),
-                                                            resolution)
-                    with torch.no_grad():
-                        pixels = torch.from_numpy(np.concatenate([winners, losers]))
-                        pixels = pixels.to(device, pipe.vae.dtype)
-                        # The posterior's mode, not a sample: a VAE trained with a weak KL term (the toy
-                        # world's) has a posterior std as large as its latents, and a sample is noise to a
-                        # UNet trained on modes; SD's VAE posterior is narrow, so there the two differ little.
-                        latents = pipe.vae.encode(pixels).latent_dist.mode()
-                        latents = (latents * pipe.vae.config.scaling_factor).to(unet.dtype)
-                        states = pipe.encode_prompt(captions, device, 1, False)[0]
+                    inputs = _step_inputs(pipe, dpo, next(batches), next(benign_batches) if benign_batches else None,
+                                          np.random.default_rng(seed), resolution)
                     sync = model.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
                     with sync:
                         with autocast:
-                            out = dpo_step(unet, pipe.scheduler, *latents.chunk(2), states, dpo.beta,
-                                           dpo.sft_weight, generator=generator, model=model)
-                        values = _global_mean(torch.stack([out.metrics[k] for k in METRIC_NAMES]), world)
-                        if not torch.isfinite(values[0]):
-                            raise _NonFinite(f"loss {values[0].item()}")
+                            out = dpo_step(unet, pipe.scheduler, **inputs, beta=dpo.beta, sft_weight=dpo.sft_weight,
+                                           anchor_weight=dpo.anchor_weight, preserve_weight=dpo.preserve_weight,
+                                           generator=generator, model=model)
+                        names = list(out.metrics)
+                        values = _global_mean(torch.stack(list(out.metrics.values())), world)
+                        loss = values[names.index("loss")]
+                        if not torch.isfinite(loss):
+                            raise _NonFinite(f"loss {loss.item()}")
                         scaler.scale(out.loss / accum).backward()
-                    sums += values
+                    sums = values if sums is None else sums + values
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, dpo.max_grad_norm)
                 if not (scaler.is_enabled() or torch.isfinite(grad_norm)):
@@ -476,7 +516,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                metrics = dict(zip(METRIC_NAMES, (sums / accum).tolist(), strict=True))
+                metrics = dict(zip(names, (sums / accum).tolist(), strict=True))
                 log.add(step, {**metrics, "lr": lr, "grad_norm": grad_norm.item()})
                 if step % config.experts.checkpoint_every == 0 or step == dpo.max_steps:
                     log.flush()
@@ -516,12 +556,19 @@ def _log_final(pipe, unet, spec: ExpertSpec, config: Config, autocast) -> None:
 
 # -- one expert: the trainer's driver ---------------------------------------------------------------
 
-def fit_expert(config: Config, spec: ExpertSpec, pairs: str, env: dict[str, str]) -> dict[str, Any]:
+def fit_expert(config: Config, spec: ExpertSpec, pairs: str, env: dict[str, str],
+               benign: ray.data.Dataset | None = None) -> dict[str, Any]:
     """Train one expert with a ``TorchTrainer`` and publish its LoRA and ``expert.json``.
 
-    Returns the expert's record: ``status`` is ``trained`` or ``failed`` (non-finite loss, with the error).
+    ``benign`` is :func:`benign_dataset`, read once for all experts; read here when the expert's
+    ``preserve_weight`` needs it and none is given. Returns the expert's record: ``status`` is
+    ``trained`` or ``failed`` (non-finite loss, with the error).
     """
     start = time.perf_counter()
+    files = pairs_files(pairs)
+    datasets = {"train": pairs_dataset(files, spec, pairs)}
+    if config.experts.dpo_for(config.dpo, spec.name).preserve_weight:
+        datasets[BENIGN] = benign if benign is not None else benign_dataset(files, pairs)
     fp = expert_fingerprint(config, spec)
     resources = worker_resources(config)
     trainer = ray.train.torch.TorchTrainer(
@@ -535,7 +582,7 @@ def fit_expert(config: Config, spec: ExpertSpec, pairs: str, env: dict[str, str]
             failure_config=ray.train.FailureConfig(max_failures=config.experts.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": pairs_dataset(pairs_files(pairs), spec, pairs)},
+        datasets=datasets,
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
@@ -562,10 +609,10 @@ def fit_expert(config: Config, spec: ExpertSpec, pairs: str, env: dict[str, str]
 
 
 def _trial(params: dict[str, str], *, config: Config, specs: dict[str, ExpertSpec], pairs: str,
-           env: dict[str, str]) -> dict[str, Any]:
+           env: dict[str, str], benign: ray.data.Dataset | None) -> dict[str, Any]:
     """Ray Tune trial: drive one expert's trainer."""
     os.environ.update(env)
-    return fit_expert(config, specs[params["expert"]], pairs, env)
+    return fit_expert(config, specs[params["expert"]], pairs, env, benign)
 
 
 # -- all experts ------------------------------------------------------------------------------------
@@ -613,7 +660,10 @@ def train_experts(config: Config, pairs: str | None = None,
         at_once = concurrency(config, len(todo))
         logger.info("experts: training %s, %d at once", sorted(todo), at_once)
         env = tracking.worker_env()
-        trial = tune.with_parameters(_trial, config=config, specs=todo, pairs=pairs, env=env)
+        # The preservation term's benign images are the same for every expert: one copy in the object store.
+        preserving = any(config.experts.dpo_for(config.dpo, name).preserve_weight for name in todo)
+        benign = benign_dataset(pairs_files(pairs), pairs) if preserving else None
+        trial = tune.with_parameters(_trial, config=config, specs=todo, pairs=pairs, env=env, benign=benign)
         tuner = tune.Tuner(
             tune.with_resources(trial, TRIAL_RESOURCES),
             param_space={"expert": tune.grid_search(list(todo))},

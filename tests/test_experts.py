@@ -8,6 +8,7 @@ step, keep its step-1 checkpoint and let Hate finish. The re-run skips Hate and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def make_config(root: Path, store: str, **experts_overrides) -> Config:
         "tracking": {"tracking_uri": store, "experiment": f"experts-{root.name}"},
         "data": {"categories": CATEGORIES, "toy_pairs_per_category": 4, "val_fraction": 0.2},
         "generation": {"num_inference_steps": 2, "num_cpus_per_actor": 0.5},
-        "dpo": {"max_steps": MAX_STEPS, "batch_size": 2, "learning_rate": 1e-3},
+        "dpo": {"max_steps": MAX_STEPS, "batch_size": 2, "learning_rate": 1e-3,
+                "anchor_weight": 1.0, "preserve_weight": 1.0},
         "experts": {"categories": CATEGORIES, "cpus_per_worker": 0.5, "checkpoint_every": 1,
                     "max_concurrent": 2, "max_failures": 1,
                     "dpo_overrides": {"Violence": {"learning_rate": 1e30}}} | experts_overrides,
@@ -72,6 +74,8 @@ def test_scan_pairs_describes_experts(pairs):
     assert list(specs["all"].preview_prompts) == validation
     again = experts.scan_pairs(pairs, ["Hate", "Violence"])
     assert again["Hate"].data_hash == specs["Hate"].data_hash != again["Violence"].data_hash
+    # every expert preserves the safe twins of every category: one benign hash, the data_hash of "all"
+    assert again["Hate"].benign_hash == again["Violence"].benign_hash == specs["all"].data_hash
 
 
 def test_scan_pairs_rejects_bad_data(pairs, tmp_path):
@@ -114,13 +118,18 @@ def test_dpo_inputs_pairing_flip_and_dropout(pairs):
     columns = ("pair_id", "unsafe_prompt", "safe_prompt", "unsafe_image", "safe_image")
     batch = {k: np.array([r[k] for r in _rows(pairs)[:2]], dtype=object) for k in columns}
     rng = np.random.default_rng(0)
-    winners, losers, captions = experts._dpo_inputs(batch, DPOConfig(), rng, 32)
+    winners, losers, captions, anchors = experts._dpo_inputs(batch, DPOConfig(), rng, 32)
     assert winners.shape == (2, 3, 32, 32) and winners.min() >= -1 and winners.max() <= 1
-    assert captions == list(batch["unsafe_prompt"])
-    w2, l2, c2 = experts._dpo_inputs(batch, DPOConfig(pairing="both", caption_dropout=1.0), rng, 32)
-    assert w2.shape[0] == 4 and c2 == [""] * 4
+    assert captions == list(batch["unsafe_prompt"]) and anchors == list(batch["safe_prompt"])
+    _, _, c_safe, a_safe = experts._dpo_inputs(batch, DPOConfig(pairing="safe"), rng, 32)
+    assert c_safe == a_safe == list(batch["safe_prompt"])
+    _, _, c_both, a_both = experts._dpo_inputs(batch, DPOConfig(pairing="both"), rng, 32)
+    assert c_both == list(batch["unsafe_prompt"]) + list(batch["safe_prompt"])
+    assert a_both == list(batch["safe_prompt"]) * 2
+    w2, l2, c2, a2 = experts._dpo_inputs(batch, DPOConfig(pairing="both", caption_dropout=1.0), rng, 32)
+    assert w2.shape[0] == 4 and c2 == a2 == [""] * 4  # a dropped caption's anchor is dropped with it
     flip = DPOConfig(random_flip=True)
-    flipped, flipped_l, _ = experts._dpo_inputs(batch, flip, np.random.default_rng(1), 32)
+    flipped, flipped_l, _, _ = experts._dpo_inputs(batch, flip, np.random.default_rng(1), 32)
     for i in range(2):  # each pair is flipped as a whole or not at all
         same_w = np.array_equal(flipped[i], winners[i])
         assert same_w == np.array_equal(flipped_l[i], losers[i])
@@ -169,7 +178,8 @@ def test_train_experts_concurrently_with_a_failing_expert(pairs, ray_local, mlfl
     hate_run = by_name["expert/hate"]
     steps = [m.step for m in client.get_metric_history(hate_run.info.run_id, "loss")]
     assert sorted(steps) == list(range(1, MAX_STEPS + 1))
-    logged = ("implicit_acc", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l", "lr", "grad_norm")
+    logged = ("implicit_acc", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l", "lr", "grad_norm",
+              "anchor_mse", "preserve_mse")
     assert set(logged) <= set(hate_run.data.metrics)
     assert hate_run.data.params["dpo.beta"] == "5000.0" and hate_run.data.params["num_pairs"] == "4"
     artifacts = {a.path for a in client.list_artifacts(hate_run.info.run_id)}
@@ -209,3 +219,6 @@ def test_train_experts_concurrently_with_a_failing_expert(pairs, ray_local, mlfl
     assert experts.is_finished(config, specs["Hate"])
     changed = make_config(tmp_path, mlflow_store, dpo_overrides={"Hate": {"beta": 2500}})
     assert not experts.is_finished(changed, specs["Hate"])
+    # so does new benign data, which the preservation term trains on
+    other_benign = dataclasses.replace(specs["Hate"], benign_hash="0" * 16)
+    assert not experts.is_finished(config, other_benign)
