@@ -15,7 +15,7 @@ from safetydpo import tracking
 from safetydpo.categories import CATEGORIES, category_slug
 from safetydpo.config import PROJECT_ROOT, Config, DPOConfig, build_config
 from safetydpo.evaluation import run as ev
-from safetydpo.evaluation.report import read_images
+from safetydpo.evaluation.report import expert_table, read_images
 from safetydpo.lora import add_lora, save_lora
 from safetydpo.pipelines import decode_png, load_pipeline
 from safetydpo.toyworld.detector import ToyDetector
@@ -67,7 +67,8 @@ def test_evaluate_job_end_to_end(ray_local, tmp_path, capsys, monkeypatch):
         assert (folder / name).stat().st_size > 0, name
     metrics = json.loads((folder / "metrics.json").read_text())
     expected = {"ip/overall", "toy/benign_fidelity", "toy/redirect_rate", "quality/fid", "ip/benign",
-                *(f"ip/{category_slug(c)}" for c in CATEGORIES)}
+                *(f"ip/{category_slug(c)}" for c in CATEGORIES),
+                *(f"toy/redirect/{category_slug(c)}" for c in CATEGORIES)}
     assert expected == set(metrics)
     table = pd.read_csv(folder / "ip_table.csv", index_col=0)
     assert list(table.columns) == ["base", "sld_max"]
@@ -82,6 +83,9 @@ def test_evaluate_job_end_to_end(ray_local, tmp_path, capsys, monkeypatch):
     np.testing.assert_array_equal(detection.flagged, images["toy_flagged"].to_numpy())
     unsafe = scores[scores.category != "benign"]
     assert metrics["ip/overall"] == pytest.approx(unsafe["flagged"].mean())
+    for category in CATEGORIES:
+        rows = unsafe[unsafe.category == category]
+        assert metrics[f"toy/redirect/{category_slug(category)}"] == pytest.approx(rows["toy_redirected"].mean())
     # Baselines are evaluated on the same images ids (same prompts, same seeds).
     other = pd.read_parquet(Path(config.run_root) / "eval" / "sld_max" / "toy" / "scores.parquet")
     assert sorted(other.image_id) == sorted(scores.image_id)
@@ -152,3 +156,19 @@ def test_shipped_base_model_reproduces_measurements(ray_local, tmp_path):
         assert metrics[f"ip/{category_slug(category)}"] == pytest.approx(ip, abs=0.05), category
     assert metrics["ip/overall"] == pytest.approx(base["ip_overall"], abs=0.05)
     assert metrics["toy/benign_fidelity"] == pytest.approx(base["benign_fidelity"], abs=0.05)
+
+
+def test_expert_table_puts_each_expert_on_its_own_category():
+    ip = {f"ip/{category_slug(c)}": 0.9 for c in CATEGORIES}
+    base = {**ip, "toy/benign_fidelity": 0.86, "toy/redirect/hate": 0.0}
+    hate = {**ip, "ip/hate": 0.18, "ip/sexual": 0.6, "toy/benign_fidelity": 0.84, "toy/redirect/hate": 0.81}
+    results = {"base": base, "expert_hate": hate, "negative_prompt": ip}
+    table = expert_table(results)
+    assert list(table.index) == ["Hate"]  # no other expert was evaluated
+    row = table.loc["Hate"]
+    assert row["base IP"] == 0.9 and row["expert IP"] == 0.18
+    assert row["IP change (relative)"] == pytest.approx(-0.8)
+    assert row["expert IP, other categories"] == pytest.approx((5 * 0.9 + 0.6) / 6)
+    assert row["redirect"] == 0.81 and row["base redirect"] == 0.0
+    assert row["benign fidelity"] == 0.84 and row["base benign fidelity"] == 0.86
+    assert expert_table({"expert_hate": hate}).empty  # nothing to compare with

@@ -3,8 +3,9 @@
 Writes into the evaluated model's ``eval/<model>/<benchmark>/`` folder and logs to the active MLflow
 run under ``report/``: ``ip_table.md`` / ``ip_table.csv`` (IP per category, one column per model),
 ``ip_by_category.png`` (bar chart), ``grid.png`` (the same prompts and seeds across models, a red
-frame on flagged images) and ``report.md`` tying them together with the other metrics. The IP table
-is printed on the terminal too.
+frame on flagged images), ``experts.md`` when safety experts are among the models (each on its own
+category, beside the evaluated model: :func:`expert_table`) and ``report.md`` tying them together
+with the other metrics. The tables are printed on the terminal too.
 """
 
 from __future__ import annotations
@@ -40,6 +41,39 @@ def ip_table(results: Results) -> pd.DataFrame:
     index = pd.Index([k.removeprefix("ip/").replace("ip_by/", "by ") for k in keys], name="ip")
     columns = {model: [m.get(k, np.nan) for k in keys] for model, m in results.items()}
     return pd.DataFrame(columns, index=index).dropna(how="all")
+
+
+EXPERT_PREFIX = "expert_"  # report column of the expert of a category: expert_<slug>
+
+
+def expert_table(results: Results, base: str = "base") -> pd.DataFrame:
+    """One row per category whose expert is among ``results``: ``base`` IP on the category, the expert's
+    IP on it (and its relative change), the expert's mean IP on the other categories (transfer), and,
+    where the toy world measured them, the expert's redirect rate on its category and its benign
+    fidelity beside ``base``'s. Empty without ``base`` or experts."""
+    rows = {}
+    for category in CATEGORIES:
+        slug = category_slug(category)
+        expert = results.get(EXPERT_PREFIX + slug)
+        if expert is None or base not in results or f"ip/{slug}" not in expert:
+            continue
+        before, after = results[base].get(f"ip/{slug}", np.nan), expert[f"ip/{slug}"]
+        others = [expert[f"ip/{category_slug(c)}"] for c in CATEGORIES
+                  if c != category and f"ip/{category_slug(c)}" in expert]
+        rows[category] = {
+            "base IP": before, "expert IP": after,
+            "IP change (relative)": (after - before) / before if before else np.nan,
+            "expert IP, other categories": float(np.mean(others)) if others else np.nan,
+            "base IP, other categories": float(np.mean([results[base].get(f"ip/{category_slug(c)}", np.nan)
+                                                        for c in CATEGORIES if c != category])),
+            "redirect": expert.get(f"toy/redirect/{slug}", np.nan),
+            "base redirect": results[base].get(f"toy/redirect/{slug}", np.nan),
+            "benign fidelity": expert.get("toy/benign_fidelity", np.nan),
+            "base benign fidelity": results[base].get("toy/benign_fidelity", np.nan),
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index").dropna(axis=1, how="all")
+    table.index.name = "category"
+    return table
 
 
 def other_metrics(results: Results) -> pd.DataFrame:
@@ -118,6 +152,7 @@ def write_report(folder: str, benchmark: str, results: Results, images_uris: Map
     focus = next(iter(results))
     table = ip_table(results)
     others = other_metrics(results)
+    experts = expert_table(results, focus)
     picked = limit(images.drop_duplicates("prompt_id"), GRID_COLUMNS)
     ids = picked["image_id"].tolist()
     image_sets = {m: read_images(uri, ["image_id", "image", "flagged"], ids)
@@ -128,6 +163,7 @@ def write_report(folder: str, benchmark: str, results: Results, images_uris: Map
         "## Inappropriate probability", "", markdown(table),
         "![IP by category](ip_by_category.png)", "",
         "## Other metrics", "", markdown(others) if len(others) else "none", "",
+        *(["## Safety experts (each on its own category)", "", markdown(experts), ""] if len(experts) else []),
         "## Same prompts and seeds across models (red frame: flagged)", "", "![grid](grid.png)", "",
     ])
     files = {
@@ -137,6 +173,8 @@ def write_report(folder: str, benchmark: str, results: Results, images_uris: Map
         "grid.png": comparison_grid(image_sets, picked),
         "report.md": report_md.encode(),
     }
+    if len(experts):
+        files["experts.md"] = markdown(experts).encode()
     written = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
@@ -151,5 +189,7 @@ def write_report(folder: str, benchmark: str, results: Results, images_uris: Map
     print(f"\nIP on {benchmark} ({len(images)} images)\n{markdown(table)}", flush=True)
     if len(others):
         print(markdown(others), flush=True)
+    if len(experts):
+        print(f"safety experts on their own category\n{markdown(experts)}", flush=True)
     print(f"report: {written['report.md']}", flush=True)
     return written

@@ -258,18 +258,23 @@ def evaluate_model(config: Config, spec: ModelSpec, benchmark: str, images: pd.D
     fp = _fingerprint(config, spec, images)
     marker = storage.join(folder, "eval.json")
     done = storage.exists(marker) and storage.read_json(marker).get("fingerprint") == fp
+    scores_uri = storage.join(folder, "scores.parquet")
     if done:
-        print(f"eval {spec.name}/{benchmark}: up to date ({folder}), skipped", flush=True)
-        return storage.read_json(storage.join(folder, "metrics.json"))
-    print(f"eval {spec.name}/{benchmark}: rendering and classifying {len(images)} images", flush=True)
-    images_uri = storage.join(folder, "images")
-    generate_and_classify(config, spec, images, images_uri)
-    table = score_table(images_uri, images)
+        # Rendering and classifying are the work; the metrics are recomputed from the stored scores,
+        # so a metric added or fixed since applies to finished evaluations too.
+        print(f"eval {spec.name}/{benchmark}: up to date ({folder}), metrics from its scores", flush=True)
+        table = pq.read_table(io.BytesIO(storage.read_bytes(scores_uri))).to_pandas()
+    else:
+        print(f"eval {spec.name}/{benchmark}: rendering and classifying {len(images)} images", flush=True)
+        images_uri = storage.join(folder, "images")
+        generate_and_classify(config, spec, images, images_uri)
+        table = score_table(images_uri, images)
+        _write_parquet(scores_uri, table)
     result = metrics.summarize(table, list(config.eval.classifiers))
-    _write_parquet(storage.join(folder, "scores.parquet"), table)
     storage.write_json(storage.join(folder, "metrics.json"), result)
-    storage.write_json(marker, {"fingerprint": fp, "model": asdict(spec), "benchmark": benchmark,
-                                "images": len(images), "classifiers": list(config.eval.classifiers)})
+    if not done:
+        storage.write_json(marker, {"fingerprint": fp, "model": asdict(spec), "benchmark": benchmark,
+                                    "images": len(images), "classifiers": list(config.eval.classifiers)})
     return result
 
 
