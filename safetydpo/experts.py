@@ -343,7 +343,7 @@ def _dpo_inputs(batch: dict[str, np.ndarray], dpo: DPOConfig, rng: np.random.Gen
             ["" if d else a for a, d in zip(anchors, drop, strict=True)])
 
 
-def _step_inputs(pipe, dpo: DPOConfig, batch: dict[str, np.ndarray], benign: dict[str, np.ndarray] | None,
+def step_inputs(pipe, dpo: DPOConfig, batch: dict[str, np.ndarray], benign: dict[str, np.ndarray] | None,
                  rng: np.random.Generator, resolution: int) -> dict[str, Any]:
     """:func:`~safetydpo.dpo.dpo_step`'s tensors for one micro-batch of pairs (and of benign rows when
     preservation is on): VAE latents and text states, each encoded in one call."""
@@ -491,7 +491,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 for micro in range(accum):
                     seed = _step_seed(dpo.seed, rank, step, micro)
                     generator = torch.Generator(device).manual_seed(seed)
-                    inputs = _step_inputs(pipe, dpo, next(batches), next(benign_batches) if benign_batches else None,
+                    inputs = step_inputs(pipe, dpo, next(batches), next(benign_batches) if benign_batches else None,
                                           np.random.default_rng(seed), resolution)
                     sync = model.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
                     with sync:

@@ -60,6 +60,8 @@ def model_safety(pipe, detector: ToyDetector, n_per_category: int, steps: int, g
         "benign_fidelity": rate([v.faithful for v in safe]),
         "benign_ip": rate([v.flagged for v in safe]),
         "redirect_rate": rate([v.redirected for v in unsafe]),
+        "redirect": {c: rate([v.redirected for v, p in zip(unsafe, pairs, strict=True) if p.category == c])
+                     for c in CATEGORIES},
         "n_per_category": n_per_category,
     }
 
