@@ -172,3 +172,4 @@ def test_expert_table_puts_each_expert_on_its_own_category():
     assert row["redirect"] == 0.81 and row["base redirect"] == 0.0
     assert row["benign fidelity"] == 0.84 and row["base benign fidelity"] == 0.86
     assert expert_table({"expert_hate": hate}).empty  # nothing to compare with
+    assert expert_table(results, base="expert_hate").empty  # the expert's own report compares no expert

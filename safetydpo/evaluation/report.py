@@ -50,12 +50,13 @@ def expert_table(results: Results, base: str = "base") -> pd.DataFrame:
     """One row per category whose expert is among ``results``: ``base`` IP on the category, the expert's
     IP on it (and its relative change), the expert's mean IP on the other categories (transfer), and,
     where the toy world measured them, the expert's redirect rate on its category and its benign
-    fidelity beside ``base``'s. Empty without ``base`` or experts."""
+    fidelity beside ``base``'s. Empty without ``base`` or experts; an expert is never its own base."""
     rows = {}
     for category in CATEGORIES:
         slug = category_slug(category)
-        expert = results.get(EXPERT_PREFIX + slug)
-        if expert is None or base not in results or f"ip/{slug}" not in expert:
+        name = EXPERT_PREFIX + slug
+        expert = results.get(name)
+        if expert is None or name == base or base not in results or f"ip/{slug}" not in expert:
             continue
         before, after = results[base].get(f"ip/{slug}", np.nan), expert[f"ip/{slug}"]
         others = [expert[f"ip/{category_slug(c)}"] for c in CATEGORIES
