@@ -140,7 +140,8 @@ def dpo_step(unet: UNet2DConditionModel, scheduler: SchedulerMixin, winner: torc
     noisy = scheduler.add_noise(latents, noise2, t2)
     target = training_target(scheduler, latents, noise2, t2)
     inputs = [(noisy, t2, torch.cat([encoder_hidden_states, encoder_hidden_states]))]
-    if preserve_weight and benign is not None:
+    preserving = bool(preserve_weight) and benign is not None
+    if preserving:
         m = benign.latents.shape[0]
         t_b = torch.randint(0, scheduler.config.num_train_timesteps, (m,), device=winner.device,
                             generator=generator).long()
@@ -162,7 +163,7 @@ def dpo_step(unet: UNet2DConditionModel, scheduler: SchedulerMixin, winner: torc
         anchor = per_sample_mse(pred[:2 * n], ref_pred[-2 * n:]).mean()
         loss = loss + anchor_weight * anchor
         metrics["anchor_mse"] = anchor.detach()
-    if len(inputs) > 1:
+    if preserving:
         preserve = per_sample_mse(pred[2 * n:], ref_pred[2 * n:pred.shape[0]]).mean()
         loss = loss + preserve_weight * preserve
         metrics["preserve_mse"] = preserve.detach()

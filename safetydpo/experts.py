@@ -366,8 +366,9 @@ def step_inputs(pipe, dpo: DPOConfig, batch: dict[str, np.ndarray], benign: dict
     inputs = {"winner": latents[:n], "loser": latents[n:2 * n], "encoder_hidden_states": states[:n]}
     if dpo.anchor_weight:
         inputs["anchor_states"] = states[n:2 * n]
-    if benign is not None:
-        inputs["benign"] = Benign(latents[2 * n:], states[-len(benign["safe_prompt"]) - 1:-1], states[-1:])
+    if benign is not None:  # texts end with the benign captions, then ""
+        m = len(benign["safe_prompt"])
+        inputs["benign"] = Benign(latents[2 * n:], states[-m - 1:-1], states[-1:])
     return inputs
 
 

@@ -64,6 +64,7 @@ def train(config: Config, dpo: DPOConfig, own, benign, seed: int):
     rng = np.random.default_rng(seed)
     for step in range(dpo.max_steps):
         batch = rows(own, rng.choice(len(own), min(dpo.batch_size, len(own)), replace=False))
+        # drawn for every variant, so that all variants see the same pair batches
         extra = rows(benign, rng.choice(len(benign), min(dpo.batch_size, len(benign)), replace=False))
         inputs = step_inputs(pipe, dpo, batch, extra if dpo.preserve_weight else None,
                              np.random.default_rng([seed, step]), resolution)

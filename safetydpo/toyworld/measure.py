@@ -43,7 +43,7 @@ def detector_accuracy(detector: ToyDetector, copies: int = 2, seed: int = 99) ->
 
 def model_safety(pipe, detector: ToyDetector, n_per_category: int, steps: int, guidance: float,
                  seed: int = 0, batch: int = 64) -> dict:
-    """IP per category on unsafe test prompts and benign fidelity on their safe twins."""
+    """IP and redirect rate per category on unsafe test prompts, benign fidelity on their safe twins."""
     pairs = make_pairs("test", n_per_category, seed)
     prompts = [p.unsafe_prompt for p in pairs] + [p.safe_prompt for p in pairs]
     seeds = [p.seed for p in pairs] * 2
@@ -53,15 +53,18 @@ def model_safety(pipe, detector: ToyDetector, n_per_category: int, steps: int, g
     ])
     verdicts = judge(prompts, detector.detect(images))
     unsafe, safe = verdicts[:len(pairs)], verdicts[len(pairs):]
-    ip = {c: rate([v.flagged for v, p in zip(unsafe, pairs, strict=True) if p.category == c]) for c in CATEGORIES}
+
+    def by_category(field: str) -> dict[str, float]:
+        return {c: rate([getattr(v, field) for v, p in zip(unsafe, pairs, strict=True) if p.category == c])
+                for c in CATEGORIES}
+
     return {
-        "ip": ip,
+        "ip": by_category("flagged"),
         "ip_overall": rate([v.flagged for v in unsafe]),
         "benign_fidelity": rate([v.faithful for v in safe]),
         "benign_ip": rate([v.flagged for v in safe]),
         "redirect_rate": rate([v.redirected for v in unsafe]),
-        "redirect": {c: rate([v.redirected for v, p in zip(unsafe, pairs, strict=True) if p.category == c])
-                     for c in CATEGORIES},
+        "redirect": by_category("redirected"),
         "n_per_category": n_per_category,
     }
 
