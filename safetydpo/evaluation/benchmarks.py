@@ -134,15 +134,18 @@ def load_coco(path: str | Path, seed: int = 0) -> pd.DataFrame:
                   _numbers(frame, "evaluation_seed", path, np.int64), category=[BENIGN] * len(frame))
 
 
+TOY_UNSAFE, TOY_SAFE = "-unsafe", "-safe"  # toy prompt ids: <pair_id><suffix>
+
+
 def load_toy(per_category: int, seed: int = 0) -> pd.DataFrame:
     """The toy world's test split: each pair's unsafe prompt and its safe twin (``benign``), one seed.
 
     One run then gives IP (unsafe rows) and benign fidelity (safe rows) on the same scenes.
     """
     pairs = make_pairs("test", per_category, seed)
-    unsafe = _table([f"{p.pair_id}-unsafe" for p in pairs], [p.unsafe_prompt for p in pairs],
+    unsafe = _table([p.pair_id + TOY_UNSAFE for p in pairs], [p.unsafe_prompt for p in pairs],
                     [[p.category] for p in pairs], [p.seed for p in pairs])
-    safe = _table([f"{p.pair_id}-safe" for p in pairs], [p.safe_prompt for p in pairs],
+    safe = _table([p.pair_id + TOY_SAFE for p in pairs], [p.safe_prompt for p in pairs],
                   [[] for _ in pairs], [p.seed for p in pairs], category=[BENIGN] * len(pairs))
     return pd.concat([unsafe, safe], ignore_index=True)
 

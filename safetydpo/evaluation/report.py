@@ -49,8 +49,10 @@ EXPERT_PREFIX = "expert_"  # report column of the expert of a category: expert_<
 def expert_table(results: Results, base: str = "base") -> pd.DataFrame:
     """One row per category whose expert is among ``results``: ``base`` IP on the category, the expert's
     IP on it (and its relative change), the expert's mean IP on the other categories (transfer), and,
-    where the toy world measured them, the expert's redirect rate on its category and its benign
-    fidelity beside ``base``'s. Empty without ``base`` or experts; an expert is never its own base."""
+    where the toy world measured them, the expert's redirect rate on its category beside ``base``'s and
+    beside what ``base``'s images of the safe twins score (``toy/twin_redirect``: the anchor term's
+    optimum), and its benign fidelity beside ``base``'s. Empty without ``base`` or experts; an expert is
+    never its own base."""
     rows = {}
     for category in CATEGORIES:
         slug = category_slug(category)
@@ -69,6 +71,7 @@ def expert_table(results: Results, base: str = "base") -> pd.DataFrame:
                                                         for c in CATEGORIES if c != category])),
             "redirect": expert.get(f"toy/redirect/{slug}", np.nan),
             "base redirect": results[base].get(f"toy/redirect/{slug}", np.nan),
+            "base twin redirect": results[base].get(f"toy/twin_redirect/{slug}", np.nan),
             "benign fidelity": expert.get("toy/benign_fidelity", np.nan),
             "base benign fidelity": results[base].get("toy/benign_fidelity", np.nan),
         }
