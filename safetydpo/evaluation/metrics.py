@@ -109,16 +109,14 @@ def toy_twin_redirect(table: pd.DataFrame) -> dict[str, float]:
     from safetydpo.toyworld.world import parse_caption
 
     unsafe = table[table["prompt_id"].str.endswith(TOY_UNSAFE)]
-    twin_ids = unsafe["prompt_id"].str.removesuffix(TOY_UNSAFE) + TOY_SAFE + "/" + unsafe["image_index"].astype(str)
+    twin_ids = unsafe["image_id"].str.replace(f"{TOY_UNSAFE}/", f"{TOY_SAFE}/", regex=False)
     twins = table.set_index("image_id")
     found = twin_ids.isin(twins.index).to_numpy()
     if not found.any():
         return {}
-    twin = twins.loc[twin_ids[found]]
-    scenes = [parse_caption(p) for p in twin["prompt"]]
-    clean = [scene is not None and clean_scene(o, b, bool(f), scene.background)
-             for scene, o, b, f in zip(scenes, twin["toy_object"], twin["toy_background"], twin["toy_flagged"],
-                                       strict=True)]
+    clean = [(scene := parse_caption(row.prompt)) is not None
+             and clean_scene(row.toy_object, row.toy_background, bool(row.toy_flagged), scene.background)
+             for row in twins.loc[twin_ids[found]].itertuples()]
     return per_category(unsafe[found].assign(twin_clean=clean), "twin_clean", "toy/twin_redirect")
 
 
