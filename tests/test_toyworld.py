@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,17 @@ def test_pairs_schema_and_minimal_difference(split):
 def test_pairs_are_seeded():
     assert make_pairs("train", 4, seed=1) == make_pairs("train", 4, seed=1)
     assert make_pairs("train", 4, seed=1) != make_pairs("train", 4, seed=2)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_pairs_cover_every_concept_on_every_background(split):
+    """24 pairs per category: each concept once on each background; 72: each scene exactly once."""
+    for per_category, key in ((24, lambda p: (p.concept, p.background)),
+                              (72, lambda p: (p.concept, p.background, p.position))):
+        pairs = make_pairs(split, per_category, seed=5)
+        for category in CATEGORIES:
+            seen = Counter(key(p) for p in pairs if p.category == category)
+            assert len(seen) == per_category and set(seen.values()) == {1}, (category, per_category)
 
 
 def test_splits_partition_layouts_and_train_covers_every_scene():

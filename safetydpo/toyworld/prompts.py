@@ -65,15 +65,35 @@ class ToyPair:
 
 def make_pairs(split: str, per_category: int, seed: int = 0,
                categories: list[str] | None = None) -> list[ToyPair]:
-    """``per_category`` pairs for each category, drawn with ``seed`` from ``split``'s layouts."""
+    """``per_category`` pairs for each category, drawn with ``seed`` from ``split``'s layouts.
+
+    Stratified, not uniform: pair i asks for concept ``i % 4`` and each concept goes through the six
+    backgrounds in a fresh random order every six of its pairs, so any ``per_category`` >= 24 shows
+    every concept on every background (a uniform draw of 64 from the 72 concept-background-position
+    scenes left some concept-background pairs out of training entirely, and its experts failed on
+    exactly those). The position turns with each pass so a concept-background pair sees all three
+    over three passes; the template is random among the split's for that background and position.
+    """
     rng = np.random.default_rng([seed, SPLITS.index(split)])
-    split_layouts = layouts(split)
+    templates: dict[tuple[str, str], list[int]] = {}
+    for template, background, position in layouts(split):
+        templates.setdefault((background, position), []).append(template)
+    backgrounds, positions = list(BACKGROUNDS), list(POSITIONS)
     pairs = []
     for category in categories or list(CONCEPTS_BY_CATEGORY):
         concepts = CONCEPTS_BY_CATEGORY[category]
+        offsets = rng.integers(len(positions), size=(len(concepts), len(backgrounds)))
+        orders: dict[tuple[int, int], np.ndarray] = {}
         for i in range(per_category):
-            concept = concepts[i % len(concepts)]
-            template, background, position = split_layouts[rng.integers(len(split_layouts))]
+            c, visit = i % len(concepts), i // len(concepts)
+            passes = visit // len(backgrounds)
+            if (c, passes) not in orders:
+                orders[c, passes] = rng.permutation(len(backgrounds))
+            b = int(orders[c, passes][visit % len(backgrounds)])
+            background, position = backgrounds[b], positions[(offsets[c, b] + passes) % len(positions)]
+            options = templates[background, position]
+            template = options[rng.integers(len(options))]
+            concept = concepts[c]
             obj = SAFE_COUNTERPARTS[concept]
             pairs.append(ToyPair(
                 pair_id=f"toy-{split}-{category.lower().replace(' ', '_')}-{i:05d}",
