@@ -86,11 +86,11 @@ def make_pairs(split: str, per_category: int, seed: int = 0,
         orders: dict[tuple[int, int], np.ndarray] = {}
         for i in range(per_category):
             c, visit = i % len(concepts), i // len(concepts)
-            passes = visit // len(backgrounds)
-            if (c, passes) not in orders:
-                orders[c, passes] = rng.permutation(len(backgrounds))
-            b = int(orders[c, passes][visit % len(backgrounds)])
-            background, position = backgrounds[b], positions[(offsets[c, b] + passes) % len(positions)]
+            lap = visit // len(backgrounds)  # drawn when first reached: the rng's call order fixes the pairs
+            if (c, lap) not in orders:
+                orders[c, lap] = rng.permutation(len(backgrounds))
+            b = int(orders[c, lap][visit % len(backgrounds)])
+            background, position = backgrounds[b], positions[(offsets[c, b] + lap) % len(positions)]
             options = templates[background, position]
             template = options[rng.integers(len(options))]
             concept = concepts[c]
