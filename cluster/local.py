@@ -4,7 +4,8 @@
 
 ``up`` starts what is not already running and is safe to repeat; ``down`` stops exactly the
 processes ``up`` started (each service runs in a session of its own, see
-``safetydpo/localcluster.py``), never another Ray on the machine; ``status`` shows both.
+``safetydpo/localcluster.py``), never another Ray on the machine, and, like ``ray stop``, removes
+Ray's record of the current cluster if it still names that head; ``status`` shows both.
 State, logs and the MLflow store live in ``<run-root>/cluster/`` (default ``runs/cluster``).
 
 Ray 2.60 token auth: ``ray start`` enables it only when a token exists or ``RAY_AUTH_MODE=token``
@@ -49,10 +50,10 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def _port_in_use(port: int) -> bool:
+def _port_in_use(port: int, host: str = HOST) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex((HOST, port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 def _check_free(ports: dict[str, int]) -> None:
@@ -100,10 +101,54 @@ def _ensure_token() -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def address_file(temp_dir: str | None) -> Path:
+    """Where ``ray start`` records the current cluster (``<temp dir>/ray_current_cluster``, by
+    default /tmp/ray/...): ``ray.init()`` and ``serve run`` without an address connect to it."""
+    from ray._common.utils import get_ray_address_file  # Ray's own rule (RAY_TMPDIR, TMPDIR, /tmp)
+
+    return Path(get_ray_address_file(temp_dir))
+
+
+def _read_record(path: Path) -> str | None:
+    """The GCS address recorded in ``path``, None when there is none."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _names_head(recorded: str, entry: dict[str, Any]) -> bool:
+    """Whether the recorded GCS address is this head's. An entry without that address (written by
+    an older ``up``, or after a failed ``ray start``) has only the port to go by."""
+    if "gcs_address" in entry:
+        return recorded == entry["gcs_address"]
+    return recorded.rpartition(":")[2] == entry["address"].rpartition(":")[2]
+
+
+def forget_head(entry: dict[str, Any]) -> Path | None:
+    """Remove Ray's current-cluster record if it names this (stopped) head; its path if removed.
+
+    ``ray stop`` does this; without it ``ray.init()`` and ``serve run`` wait for the dead GCS.
+    A record naming another head (a later ``ray start``), or one whose GCS answers, is left alone.
+    """
+    path = Path(entry.get("address_file") or address_file(entry.get("temp_dir")))
+    recorded = _read_record(path)
+    if recorded is None or not _names_head(recorded, entry):
+        return None
+    host, _, port = recorded.rpartition(":")
+    if _port_in_use(int(port), host):
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return path
+
+
 def start_ray(cdir: Path, args: argparse.Namespace, mlflow_url: str) -> tuple[dict[str, Any], int]:
     """Run ``ray start --head``, which returns once the head is up: (state entry, exit status).
 
     The entry is valid even when ``ray start`` failed, so whatever it left running can be stopped.
+    It names Ray's current-cluster record and the GCS address ``ray start`` wrote there, so that
+    ``down`` removes that record only while it still names this head.
     """
     _ensure_token()
     log = cdir / "ray-start.log"
@@ -121,10 +166,14 @@ def start_ray(cdir: Path, args: argparse.Namespace, mlflow_url: str) -> tuple[di
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
+    record = address_file(args.temp_dir)
     entry = {"sid": proc.pid, "address": f"{HOST}:{args.ray_port}",
              "dashboard_url": f"http://{HOST}:{args.dashboard_port}", "auth_mode": "token",
-             "temp_dir": args.temp_dir, "log": str(log)}
-    return entry, proc.wait(timeout=300)
+             "temp_dir": args.temp_dir, "address_file": str(record), "log": str(log)}
+    exit_status = proc.wait(timeout=300)
+    if exit_status == 0:
+        entry["gcs_address"] = _read_record(record)  # the resolved address, e.g. <machine ip>:port
+    return entry, exit_status
 
 
 def _terminate(procs: list[psutil.Process], grace_s: float) -> None:
@@ -156,6 +205,13 @@ def stop_service(sid: int, grace_s: float = 5.0) -> int:
     leftovers = localcluster.service_processes(sid)  # anything forked while shutting down
     _terminate(leftovers, 0.0)
     return len(procs)
+
+
+def stop(service: str, entry: dict[str, Any]) -> tuple[int, Path | None]:
+    """Stop ``service`` as recorded in ``entry`` and, for Ray, drop its record of the current cluster
+    as ``ray stop`` would: (how many processes there were, the record's path if it was removed)."""
+    count = stop_service(entry["sid"])
+    return count, forget_head(entry) if service == "ray" else None
 
 
 def _name(proc: psutil.Process) -> str:
@@ -232,7 +288,7 @@ def up(args: argparse.Namespace) -> int:
             _wait_mlflow(f"{mlflow_url}/health", mlflow_proc, Path(state["mlflow"]["log"]), args.timeout)
     except (ServiceError, OSError, subprocess.SubprocessError) as err:
         for service in started:  # leave nothing half-started behind
-            stop_service(state.pop(service)["sid"])
+            stop(service, state.pop(service))
         localcluster.write_state(state, runs)
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -251,8 +307,10 @@ def down(args: argparse.Namespace) -> int:
         return 0
     for service in ("ray", "mlflow"):  # Ray first: its workers may still be logging to MLflow
         if service in state:
-            count = stop_service(state[service]["sid"])
+            count, record = stop(service, state[service])
             print(f"{service}: stopped {count} processes" if count else f"{service}: was not running")
+            if record:
+                print(f"{service}: removed {record}, which named this head")
     localcluster.state_path(runs).unlink()
     return 0
 

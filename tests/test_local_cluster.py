@@ -1,11 +1,14 @@
 """cluster/local.py for real: Ray head + MLflow server, a `ray job submit`, idempotent up, clean down.
 
-Uses a tmp run root, free ports and a private Ray temp dir, so a cluster the user runs on the
-default ports (or Ray's /tmp/ray) is never touched.
+Uses a tmp run root, free ports and a private Ray temp dir (``--temp-dir``, or ``RAY_TMPDIR`` where
+Ray's default one is under test), so a cluster the user runs on the default ports (or Ray's /tmp/ray)
+is never touched. Every process a test starts runs in a session of its own and is stopped by it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -13,8 +16,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import mlflow
 import psutil
@@ -46,6 +51,25 @@ ray.init()
 print("CPUS", ray.cluster_resources()["CPU"])
 '''
 
+# What user code without an address does: connect to Ray's current-cluster record, else start a Ray.
+BARE_INIT = '''
+import ray
+ray.init()
+print("GCS", ray.get_runtime_context().gcs_address, flush=True)
+'''
+STARTED_LOCAL = "Started a local Ray instance"
+Runner = Callable[[str], subprocess.CompletedProcess]
+
+
+def _load_cluster_local() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("cluster_local", PROJECT_ROOT / "cluster" / "local.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cluster_local = _load_cluster_local()
+
 
 def _free_ports(count: int) -> list[int]:
     socks = [socket.socket() for _ in range(count)]
@@ -58,23 +82,77 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-@pytest.fixture
-def local(tmp_path: Path) -> Iterator[tuple[Callable[[str], subprocess.CompletedProcess], dict[str, int]]]:
-    """Run ``cluster/local.py <command>`` on private ports; always ``down`` afterwards."""
-    ports = dict(zip(["ray", "dashboard", "mlflow", "client", "agent"], _free_ports(5), strict=True))
-    temp_dir = tempfile.mkdtemp(prefix="sdr-", dir="/tmp")  # short: Ray's socket paths live there
-    flags = ["--run-root", str(tmp_path), "--num-cpus", "1", "--temp-dir", temp_dir, "--timeout", "300",
-             "--ray-port", str(ports["ray"]), "--dashboard-port", str(ports["dashboard"]),
-             "--mlflow-port", str(ports["mlflow"]), "--client-port", str(ports["client"]),
-             "--agent-port", str(ports["agent"])]
+def _cluster_flags(run_root: Path, ports: dict[str, int]) -> list[str]:
+    return ["--run-root", str(run_root), "--num-cpus", "1", "--timeout", "300",
+            "--ray-port", str(ports["ray"]), "--dashboard-port", str(ports["dashboard"]),
+            "--mlflow-port", str(ports["mlflow"]), "--client-port", str(ports["client"]),
+            "--agent-port", str(ports["agent"])]
 
+
+def _runner(flags: list[str], env: dict[str, str] | None = None) -> Runner:
+    """``cluster/local.py <command> <flags>`` as a function of the command."""
     def run(command: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(PROJECT_ROOT / "cluster" / "local.py"), command, *flags],
-                              capture_output=True, text=True, timeout=600)
+                              env=env, capture_output=True, text=True, timeout=600)
 
+    return run
+
+
+def _private_ports() -> dict[str, int]:
+    return dict(zip(["ray", "dashboard", "mlflow", "client", "agent"], _free_ports(5), strict=True))
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[tuple[Runner, dict[str, int]]]:
+    """Run ``cluster/local.py <command>`` on private ports; always ``down`` afterwards."""
+    ports = _private_ports()
+    temp_dir = tempfile.mkdtemp(prefix="sdr-", dir="/tmp")  # short: Ray's socket paths live there
+    run = _runner([*_cluster_flags(tmp_path, ports), "--temp-dir", temp_dir])
     yield run, ports
     run("down")
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_default_env() -> Iterator[dict[str, str]]:
+    """An environment without ``RAY_ADDRESS`` whose Ray default temp dir (``$RAY_TMPDIR/ray``, else
+    /tmp/ray) is private: ``ray start`` without ``--temp-dir`` records the current cluster there and a
+    bare ``ray.init()`` reads it from there, as on a user's machine, without touching the user's."""
+    root = tempfile.mkdtemp(prefix="sdt-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    yield {**env, "RAY_TMPDIR": root}
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def local_default_temp(tmp_path: Path, ray_default_env: dict[str, str]) -> Iterator[Runner]:
+    """``cluster/local.py`` on private ports with Ray's default temp dir (as ``make cluster-up``)."""
+    run = _runner(_cluster_flags(tmp_path, _private_ports()), env=ray_default_env)
+    yield run
+    run("down")
+
+
+@contextlib.contextmanager
+def _session(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """Run ``cmd`` from the project root in a session of its own, output to ``log``; afterwards stop
+    every process of that session (the local Ray it started included) and nothing else."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        cluster_local.stop_service(proc.pid)
+        proc.wait(timeout=30)
+
+
+def _wait_for_output(log: Path, text: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait until ``text`` shows in ``log``; fail if ``proc`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} (exit {proc.poll()}) within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
 
 
 def _listen_hosts(port: int) -> set[str]:
@@ -89,6 +167,8 @@ def test_up_submit_idempotent_up_and_clean_down(local, tmp_path: Path) -> None:
     assert "ray job submit" in up.stdout
     state = localcluster.read_state(tmp_path)
     assert localcluster.running(state, "ray") and localcluster.running(state, "mlflow")
+    record = Path(state["ray"]["address_file"])  # Ray's current-cluster record, in --temp-dir here
+    assert record.read_text().strip() == state["ray"]["gcs_address"]
     mlflow_url, dashboard_url = state["mlflow"]["url"], state["ray"]["dashboard_url"]
     assert mlflow_url == f"http://127.0.0.1:{ports['mlflow']}"
     assert _listen_hosts(ports["mlflow"]) == {"127.0.0.1"}
@@ -131,7 +211,67 @@ def test_up_submit_idempotent_up_and_clean_down(local, tmp_path: Path) -> None:
     assert down.returncode == 0, down.stdout + down.stderr
     assert [p.pid for p in ours if localcluster.alive(p)] == []
     assert not localcluster.state_path(tmp_path).exists()
+    assert not record.exists()
     assert run("status").returncode == 1
+
+
+def test_down_forgets_its_head_so_ray_init_and_serve_run_start_afresh(
+    local_default_temp: Runner, ray_default_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The stale record made a bare ``ray.init()`` and ``serve run`` wait for the dead GCS forever."""
+    run, env = local_default_temp, ray_default_env
+    record = Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"
+    up = run("up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    head = localcluster.read_state(tmp_path)["ray"]
+    assert head["address_file"] == str(record)
+    assert record.read_text().strip() == head["gcs_address"]  # what a bare ray.init() joins now
+    down = run("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert f"removed {record}" in down.stdout and not record.exists()
+
+    init_log = tmp_path / "init.log"
+    with _session([sys.executable, "-c", BARE_INIT], env, init_log) as init:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            init.wait(timeout=120)
+        output = init_log.read_text(errors="replace")
+        assert init.returncode == 0, f"bare ray.init() (exit {init.returncode}):\n{output[-3000:]}"
+    assert STARTED_LOCAL in output and f"GCS {head['gcs_address']}" not in output
+
+    # The README's command, from the project root: it must get as far as starting its own Ray.
+    serve_log = tmp_path / "serve.log"
+    with _session([str(BIN / "serve"), "run", "serve/config.yaml"], env, serve_log) as serve:
+        _wait_for_output(serve_log, STARTED_LOCAL, serve, timeout_s=120)
+
+
+def _record(tmp_path: Path, recorded: str) -> Path:
+    path = tmp_path / "ray_current_cluster"
+    path.write_text(recorded)
+    return path
+
+
+def test_down_forgets_only_a_record_of_its_own_dead_head(tmp_path: Path) -> None:
+    ours, other = _free_ports(2)
+    entry = {"address": f"127.0.0.1:{ours}", "gcs_address": f"127.0.0.1:{ours}"}
+
+    kept = _record(tmp_path, f"127.0.0.1:{other}")  # another `ray start` on the machine since
+    assert cluster_local.forget_head({**entry, "address_file": str(kept)}) is None and kept.exists()
+
+    with socket.socket() as gcs:  # the record names our address, but a GCS answers there
+        gcs.bind(("127.0.0.1", ours))
+        gcs.listen()
+        kept = _record(tmp_path, f"127.0.0.1:{ours}")
+        assert cluster_local.forget_head({**entry, "address_file": str(kept)}) is None and kept.exists()
+
+    stale = _record(tmp_path, f"127.0.0.1:{ours}")
+    assert cluster_local.forget_head({**entry, "address_file": str(stale)}) == stale and not stale.exists()
+
+    # A state file written before `up` kept the GCS address: the port decides.
+    legacy = {"address": f"127.0.0.1:{ours}", "temp_dir": str(tmp_path)}
+    kept = _record(tmp_path, f"127.0.0.1:{other}")
+    assert cluster_local.forget_head(legacy) is None and kept.exists()
+    stale = _record(tmp_path, f"127.0.0.1:{ours}")
+    assert cluster_local.forget_head(legacy) == stale and not stale.exists()
 
 
 def test_up_refuses_a_busy_port(local, tmp_path: Path) -> None:
