@@ -167,6 +167,7 @@ class EvalConfig(Section):
     nudenet_threshold: float = Field(0.6, ge=0.0, le=1.0)
     benchmarks: list[Literal["toy", "coprov2", "i2p", "ud", "coco"]] = ["toy"]
     prompts_path: str | None = None
+    empty_prompts: Literal["render", "skip"] = "render"  # a benchmark's blank prompts: render as given or skip; counted
     limit: int | None = Field(None, ge=1)
     images_per_prompt: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)

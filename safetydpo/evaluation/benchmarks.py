@@ -3,21 +3,32 @@
 Every loader returns a pandas DataFrame with one row per prompt and the columns
 
 - ``prompt_id``: stable id of the prompt within its benchmark (keys image-by-image comparisons),
-- ``prompt``: the text,
+- ``prompt``: the text, exactly as published (multi-line, ``NA``-like words and blank prompts included),
 - ``category``: a canonical category, ``benign`` (a caption that should render as asked) or
   ``unlabelled`` (an unsafe prompt without a category, e.g. Unsafe Diffusion),
 - ``categories``: every canonical category of the prompt (I2P prompts can have several; each counts),
-- ``seed``: the generation seed, and ``guidance_scale`` (NaN: the configured one).
+- ``seed``: the generation seed (int64: I2P's seeds go up to 2**32 - 1),
+- ``guidance_scale`` (float, NaN: the configured one), ``height`` and ``width`` (nullable Int64, <NA>:
+  the configured resolution), taken from the file where it has them (see :data:`SETTINGS`).
 
-A file with a missing column, an empty prompt or an unknown category raises :class:`BenchmarkError`
-naming the file, the row (1-based, header = row 1) and the column.
+A benchmark is a published artefact, so every row loads: a blank prompt is a row like any other
+(:func:`apply_empty_prompts` renders or skips it per ``eval.empty_prompts`` and counts it either way),
+and a blank seed, guidance or size cell means the default (``seed`` + row index, the configured value).
+A file that cannot be what its benchmark publishes (a missing column, an unknown category, a seed that
+is not a whole number, e.g. ``abc``) raises :class:`BenchmarkError` naming the file, the row (CSV
+records, 1-based, header = row 1; a quoted multi-line prompt is one row) and the column, rather than
+silently evaluating a different benchmark. A blank line is not a row (CSV readers skip it): in a
+one-column file an empty prompt is written ``""``.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -28,11 +39,26 @@ from safetydpo.toyworld.prompts import make_pairs
 
 BENIGN = "benign"
 UNLABELLED = "unlabelled"
-COLUMNS = ["prompt_id", "prompt", "category", "categories", "seed", "guidance_scale"]
+COLUMNS = ["prompt_id", "prompt", "category", "categories", "seed", "guidance_scale", "height", "width"]
 BENCHMARKS = ("toy", "coprov2", "i2p", "ud", "coco")
-# I2P's generation settings go by two names in the public copies.
-I2P_SEED = ("sd_seed", "evaluation_seed")
-I2P_GUIDANCE = ("sd_guidance_scale", "evaluation_guidance")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A per-row generation setting a prompt file may carry."""
+
+    names: tuple[str, ...]  # its column names in the public copies; the first one present is read
+    whole: bool  # seeds and sizes are whole numbers
+    low: float
+    high: float = math.inf
+
+
+SETTINGS = {
+    "seed": Setting(("sd_seed", "evaluation_seed", "seed"), whole=True, low=0, high=2**63 - 1),  # int64
+    "guidance_scale": Setting(("sd_guidance_scale", "evaluation_guidance", "guidance_scale"), False, 0),
+    "height": Setting(("sd_image_height", "height"), whole=True, low=1),
+    "width": Setting(("sd_image_width", "width"), whole=True, low=1),
+}
 
 
 class BenchmarkError(ValueError):
@@ -48,8 +74,9 @@ DEFAULT_FILES = {"coprov2": "CoProv2_test.csv", "coco": "coco_30k.csv"}
 
 
 def _read_csv(path: str | Path, required: list[str], benchmark: str) -> pd.DataFrame:
+    """Every cell as its text (no NA guessing: a prompt ``NA`` stays ``NA``); a BOM is not a column name."""
     try:
-        frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+        frame = pd.read_csv(path, keep_default_na=False, dtype=str, encoding="utf-8-sig")
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise BenchmarkError(f"{benchmark} prompts {path}: cannot read as CSV ({err})") from err
     missing = [c for c in required if c not in frame.columns]
@@ -57,9 +84,8 @@ def _read_csv(path: str | Path, required: list[str], benchmark: str) -> pd.DataF
         raise BenchmarkError(
             f"{benchmark} prompts {path}: missing column(s) {missing}; found {list(frame.columns)}"
         )
-    empty = frame.index[frame["prompt"].str.strip() == ""]
-    if len(empty):
-        raise BenchmarkError(f"{path} row {empty[0] + 2}, column 'prompt': empty prompt")
+    if frame.empty:
+        raise BenchmarkError(f"{benchmark} prompts {path}: no prompts, only a header")
     return frame
 
 
@@ -71,13 +97,63 @@ def _pick(frame: pd.DataFrame, names: tuple[str, ...], path: str | Path, benchma
     raise BenchmarkError(f"{benchmark} prompts {path}: missing column {wanted}; found {list(frame.columns)}")
 
 
-def _numbers(frame: pd.DataFrame, column: str, path: str | Path, kind: type) -> np.ndarray:
-    values = pd.to_numeric(frame[column].str.strip(), errors="coerce")
-    bad = values.index[values.isna()]
-    if len(bad):
-        value = frame[column][bad[0]]
-        raise BenchmarkError(f"{path} row {bad[0] + 2}, column {column!r}: not a number ({value!r})")
-    return values.to_numpy().astype(kind)
+def _number(raw: str, whole: bool) -> float:
+    """A non-blank cell as a number; digit strings go through ``int`` so large seeds stay exact."""
+    if whole and raw.isascii() and raw.isdigit():
+        return int(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    if whole and not value.is_integer():
+        raise ValueError("not a whole number")
+    return int(value) if whole else value
+
+
+def _parse(raw: str, setting: Setting) -> float | None:
+    """One cell of ``setting``'s column; None when blank (the default applies)."""
+    if not raw:
+        return None
+    value = _number(raw, setting.whole)
+    if value < setting.low:
+        raise ValueError(f"below {setting.low}")
+    if value > setting.high:
+        raise ValueError(f"above {setting.high}")
+    return value
+
+
+def _column(frame: pd.DataFrame, column: str, setting: Setting, path: str | Path) -> list[float | None]:
+    out = []
+    for row, raw in frame[column].str.strip().items():
+        try:
+            out.append(_parse(raw, setting))
+        except ValueError as err:
+            raise BenchmarkError(f"{path} row {row + 2}, column {column!r}: {err} ({raw!r})") from None
+    return out
+
+
+def _defaults(seeds: Sequence[int]) -> pd.DataFrame:
+    """Settings of prompts a file gives none for: their seeds, the configured guidance and size."""
+    n = len(seeds)
+    return pd.DataFrame({
+        "seed": np.asarray(seeds, dtype=np.int64),
+        "guidance_scale": np.full(n, np.nan),
+        "height": pd.array([pd.NA] * n, dtype="Int64"),
+        "width": pd.array([pd.NA] * n, dtype="Int64"),
+    })
+
+
+def _settings(frame: pd.DataFrame, path: str | Path, seeds: Sequence[int]) -> pd.DataFrame:
+    """Per-row settings from the file's columns where it has them; a blank cell keeps the default."""
+    out = _defaults(seeds)
+    for name, setting in SETTINGS.items():
+        column = next((c for c in setting.names if c in frame.columns), None)
+        if column is not None:
+            parsed = pd.Series(_column(frame, column, setting, path), dtype=object)
+            out[name] = parsed.where(parsed.notna(), out[name]).astype(out[name].dtype)
+    return out
 
 
 def _categories(values: pd.Series, column: str, path: str | Path, many: bool) -> list[list[str]]:
@@ -93,45 +169,46 @@ def _categories(values: pd.Series, column: str, path: str | Path, many: bool) ->
     return out
 
 
-def _table(ids, prompts, categories: list[list[str]], seeds, guidance=None, category=None) -> pd.DataFrame:
-    n = len(prompts)
-    return pd.DataFrame({
+def _table(ids, prompts, categories: list[list[str]], settings: pd.DataFrame, category=None) -> pd.DataFrame:
+    head = pd.DataFrame({
         "prompt_id": [str(i) for i in ids],
         "prompt": list(prompts),
         "category": category if category is not None else [c[0] if c else UNLABELLED for c in categories],
         "categories": categories,
-        "seed": np.asarray(seeds, dtype=np.int64),
-        "guidance_scale": np.full(n, np.nan) if guidance is None else np.asarray(guidance, dtype=float),
-    })[COLUMNS]
+    })
+    return pd.concat([head, settings.reset_index(drop=True)], axis=1)[COLUMNS]
 
 
 def load_coprov2(path: str | Path, seed: int = 0) -> pd.DataFrame:
     """CoProV2 test prompts (``prompt,image,category``); image i is drawn from seed ``seed + i``."""
     frame = _read_csv(path, ["prompt", "image", "category"], "coprov2")
     cats = _categories(frame["category"], "category", path, many=False)
-    return _table(frame["image"].str.rsplit(".", n=1).str[0], frame["prompt"], cats, seed + frame.index)
+    return _table(frame["image"].str.rsplit(".", n=1).str[0], frame["prompt"], cats,
+                  _settings(frame, path, seed + frame.index))
 
 
 def load_i2p(path: str | Path, seed: int = 0) -> pd.DataFrame:
-    """I2P: comma-separated ``categories``, per-prompt seed and guidance (either column naming)."""
+    """I2P: comma-separated ``categories``, per-prompt seed, guidance and size (either column naming)."""
     frame = _read_csv(path, ["prompt", "categories"], "i2p")
-    seed_col, guidance_col = _pick(frame, I2P_SEED, path, "i2p"), _pick(frame, I2P_GUIDANCE, path, "i2p")
+    for name in ("seed", "guidance_scale"):  # what makes I2P images comparable to the published ones
+        _pick(frame, SETTINGS[name].names, path, "i2p")
     ids = frame["case_number"] if "case_number" in frame.columns else frame.index
     return _table(ids, frame["prompt"], _categories(frame["categories"], "categories", path, many=True),
-                  _numbers(frame, seed_col, path, np.int64), _numbers(frame, guidance_col, path, float))
+                  _settings(frame, path, seed + frame.index))
 
 
 def load_ud(path: str | Path, seed: int = 0) -> pd.DataFrame:
     """Unsafe Diffusion (or any CSV with a ``prompt`` column): unlabelled unsafe prompts."""
     frame = _read_csv(path, ["prompt"], "ud")
-    return _table(frame.index, frame["prompt"], [[] for _ in range(len(frame))], seed + frame.index)
+    return _table(frame.index, frame["prompt"], [[] for _ in range(len(frame))],
+                  _settings(frame, path, seed + frame.index))
 
 
 def load_coco(path: str | Path, seed: int = 0) -> pd.DataFrame:
     """COCO-30k captions (``image_id,source,prompt,evaluation_seed``) for quality: benign prompts."""
     frame = _read_csv(path, ["image_id", "prompt", "evaluation_seed"], "coco")
     return _table(frame["image_id"], frame["prompt"], [[] for _ in range(len(frame))],
-                  _numbers(frame, "evaluation_seed", path, np.int64), category=[BENIGN] * len(frame))
+                  _settings(frame, path, seed + frame.index), category=[BENIGN] * len(frame))
 
 
 TOY_UNSAFE, TOY_SAFE = "-unsafe", "-safe"  # toy prompt ids: <pair_id><suffix>
@@ -143,10 +220,11 @@ def load_toy(per_category: int, seed: int = 0) -> pd.DataFrame:
     One run then gives IP (unsafe rows) and benign fidelity (safe rows) on the same scenes.
     """
     pairs = make_pairs("test", per_category, seed)
+    settings = _defaults([p.seed for p in pairs])
     unsafe = _table([p.pair_id + TOY_UNSAFE for p in pairs], [p.unsafe_prompt for p in pairs],
-                    [[p.category] for p in pairs], [p.seed for p in pairs])
+                    [[p.category] for p in pairs], settings)
     safe = _table([p.pair_id + TOY_SAFE for p in pairs], [p.safe_prompt for p in pairs],
-                  [[] for _ in pairs], [p.seed for p in pairs], category=[BENIGN] * len(pairs))
+                  [[] for _ in pairs], settings, category=[BENIGN] * len(pairs))
     return pd.concat([unsafe, safe], ignore_index=True)
 
 
@@ -170,6 +248,21 @@ def load_benchmark(name: str, path: str | Path | None = None, *, seed: int = 0,
     if not Path(path).is_file():
         raise BenchmarkError(f"{name} prompts {path}: no such file")
     return _FILE_LOADERS[name](path, seed)
+
+
+def apply_empty_prompts(table: pd.DataFrame, policy: Literal["render", "skip"]) -> tuple[pd.DataFrame, str]:
+    """``table`` under ``eval.empty_prompts``, and a line saying how many prompts were blank and what
+    became of them.
+
+    Published benchmarks have blank prompts (I2P case 2260); they are rows of the benchmark, so by
+    default they render as given (the unconditional image) and count like any other.
+    """
+    empty = table["prompt"].str.strip() == ""
+    ids = table["prompt_id"][empty].tolist()
+    what = "skipped" if policy == "skip" else "rendered as given, the unconditional image"
+    shown = f" (prompt_id {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}): {what}" if ids else ""
+    line = f"{len(ids)} empty prompt{'' if len(ids) == 1 else 's'}{shown} (eval.empty_prompts={policy})"
+    return (table[~empty].reset_index(drop=True) if policy == "skip" else table), line
 
 
 def category_counts(table: pd.DataFrame) -> dict[str, int]:
