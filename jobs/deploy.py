@@ -4,81 +4,12 @@
         [key.sub=value ...]
 
 Joins ``$RAY_ADDRESS`` or the cluster of ``cluster/local.py up`` and ships this project as the
-job's working dir, so the replicas can import ``serve.app``. The application (re)deploys in
-place: running it again with another LoRA rolls the replicas over to it. The endpoint stays up
-after this script exits; ``serve shutdown`` stops it. Keys come from this process's environment
-(``serve.api_key_env``, ``serve.base_key_env``).
+job's working dir, so the replicas can import ``serve.app``. See ``serve/deploy.py``.
 """
 
-from __future__ import annotations
-
-import os
 import sys
-import time
-from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))  # `serve/` is a top-level folder of the project, not an installed package
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from safetydpo import cli, localcluster, tracking  # noqa: E402
-from safetydpo.config import Config  # noqa: E402
-from serve.adapters import Catalog  # noqa: E402
-from serve.app import APP_NAME, MODEL_DEPLOYMENT, build_app  # noqa: E402
-
-
-def url(config: Config) -> str:
-    return f"http://{config.serve.host}:{config.serve.port}"
-
-
-def run(config: Config) -> dict[str, float]:
-    """Deploy (or update) the application on the Ray this process is connected to; returns summary numbers.
-
-    Logs the endpoint, the merged LoRA's source and the deploy time to an MLflow child run ``deploy``.
-    """
-    merged = Catalog.from_config(config).merged()
-    with tracking.child_run("deploy"):
-        started = time.perf_counter()
-        serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        seconds = time.perf_counter() - started
-        replicas = serve.status().applications[APP_NAME].deployments[MODEL_DEPLOYMENT].replica_states
-        running = sum(count for state, count in replicas.items() if str(state) == "RUNNING")
-        tracking.log_params({"serve/url": url(config), "serve/merged": merged or "none"})
-        tracking.log_metrics({"serve/deploy_s": seconds, "serve/replicas": running})
-    print(f"serving {url(config)} (merged LoRA: {merged or 'none yet'}; {running} model replica(s), "
-          f"{seconds:.1f} s)", flush=True)
-    return {"serve/deploy_s": seconds, "serve/replicas": float(running)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = cli.parser(__doc__.splitlines()[0])
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--lora", help="the merged LoRA to serve (file or folder); sets serve.lora_path")
-    source.add_argument("--mlflow-model", metavar="NAME@ALIAS",
-                        help="a registered LoRA (NAME@ALIAS or NAME/VERSION); sets serve.mlflow_model")
-    args = p.parse_args(argv)
-    config = cli.load(p, args)
-    if args.lora:  # a command-line path is relative to the current directory
-        config.serve.lora_path = os.path.abspath(args.lora)
-    if args.mlflow_model:
-        config.serve.mlflow_model = args.mlflow_model
-    localcluster.join_env(tracking_uri_configured=config.tracking.tracking_uri is not None)
-    if not os.environ.get("RAY_ADDRESS"):
-        p.error("no running Ray cluster: start one with `python cluster/local.py up` or set RAY_ADDRESS")
-    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-    with tracking.pipeline_run(config, run_name=f"{config.name}-deploy") as parent:
-        ray.init(runtime_env={"working_dir": str(PROJECT), "excludes": localcluster.RUNTIME_ENV_EXCLUDES,
-                              "env_vars": tracking.worker_env()})
-        try:
-            run(config)
-        finally:
-            ray.shutdown()
-    print(f"MLflow: {tracking.run_url(parent)}")
-    return 0
-
+from serve.deploy import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,8 @@ CATEGORIES: tuple[str, ...] = (
     "Illegal Activity",
 )
 
+ALL = "all"  # the group of every category: the expert trained on all their pairs (the paper's "All-single")
+
 _ALIASES: dict[str, str] = {
     "harrasment": "Harassment",
     "harrassment": "Harassment",

@@ -1,7 +1,7 @@
 """What every job entrypoint shares: ``--config FILE [key.sub=value ...]`` and joining Ray.
 
-A job adds its own flags to :func:`parser`, calls :func:`load`, then
-``localcluster.join_env``, ``tracking.pipeline_run`` and :func:`init_ray`. Relative paths in a config
+A job adds its own flags to :func:`parser`, calls :func:`load`, then runs its stages inside
+:func:`session` (local cluster, MLflow parent run, Ray). Relative paths in a config
 resolve against the project root, so ``run_root: runs/toy`` means the same folder whatever the
 current directory is (under ``ray job submit`` the project root is the uploaded working dir: pass
 an absolute ``run_root=...`` or a storage URI there).
@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import ray
+from mlflow.entities import Run
 
-from safetydpo import tracking
+from safetydpo import localcluster, tracking
 from safetydpo.config import PROJECT_ROOT, Config, ConfigError, load_config
 
 # (section, field) of every config value that names a local file or folder.
@@ -61,15 +65,34 @@ def resolve_paths(config: Config) -> Config:
     return config
 
 
-def init_ray() -> bool:
+def init_ray(runtime_env: dict[str, Any] | None = None) -> bool:
     """Join ``$RAY_ADDRESS`` (set by ``ray job submit`` or ``localcluster.join_env``), else start a
-    private in-process Ray. Call it inside ``tracking.pipeline_run``: every task and actor gets
-    ``tracking.worker_env()``. Returns False when Ray was already initialised (nothing to shut down).
+    private in-process Ray, never a stray cluster by accident. Call it inside ``tracking.pipeline_run``:
+    every task and actor gets ``tracking.worker_env()`` (plus ``runtime_env``). Returns False when Ray
+    was already initialised (nothing to shut down).
     """
     if ray.is_initialized():
         return False
     # A submitted job's runtime_env may set the same variables; let this driver's values win.
     os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-             runtime_env={"env_vars": tracking.worker_env()})
+             runtime_env={**(runtime_env or {}), "env_vars": tracking.worker_env()})
     return True
+
+
+@contextmanager
+def session(config: Config, run_name: str | None = None,
+            runtime_env: dict[str, Any] | None = None) -> Iterator[Run]:
+    """Around a job's stages: join the local cluster when one runs, open the MLflow parent run (or
+    nest under ``$SAFETYDPO_PARENT_RUN_ID``), join or start Ray; shut down only the Ray it started."""
+    joined = localcluster.join_env(tracking_uri_configured=config.tracking.tracking_uri is not None)
+    with tracking.pipeline_run(config, run_name=run_name) as run:
+        print(f"MLflow run {run.info.run_id} at {tracking.resolve_tracking_uri(config)}", flush=True)
+        started = init_ray(runtime_env)
+        where = os.environ.get("RAY_ADDRESS") or "in-process"
+        print(f"Ray: {where}" + (f" (local cluster: {', '.join(joined)})" if joined else ""), flush=True)
+        try:
+            yield run
+        finally:
+            if started:
+                ray.shutdown()

@@ -16,11 +16,10 @@ from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from safetydpo import storage
+from safetydpo import layout, storage
 from safetydpo.config import DPOConfig
 
 ADAPTER = "default"  # peft's name for the adapter add_adapter creates
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers looks for
 
 
 def add_lora(unet: UNet2DConditionModel, dpo: DPOConfig) -> list[torch.nn.Parameter]:
@@ -55,11 +54,12 @@ def save_lora(unet: UNet2DConditionModel, directory: str,
 
     Rank and alpha travel in the file's metadata, so loading restores the same scaling. Returns the path.
     """
-    target = storage.join(directory, WEIGHTS_NAME)
+    target = layout.lora_file(directory)
     with tempfile.TemporaryDirectory() as tmp:
         pipeline_cls.save_lora_weights(
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(unet)),
             unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(), safe_serialization=True,
         )
-        storage.write_bytes(target, (Path(tmp) / WEIGHTS_NAME).read_bytes())
+        storage.write_bytes(target, (Path(tmp) / layout.LORA_WEIGHTS).read_bytes())
     return target
+WEIGHTS_NAME = layout.LORA_WEIGHTS  # TEMP alias while safetydpo/merge moves to layout

@@ -28,11 +28,32 @@ def join(root: str, *parts: str) -> str:
     return str(Path(root.removeprefix("file://"), *parts))
 
 
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The ``pyarrow.fs`` filesystem of a local path or URI, and the path in it (local paths made absolute)."""
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).resolve())
+
+
 def exists(uri: str) -> bool:
     if not is_remote(uri):
         return Path(uri).exists()
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly under ``uri``, sorted; [] when it does not exist."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def remove_tree(uri: str) -> None:
+    """Delete the folder ``uri`` and everything under it, if it exists."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def _current_umask() -> int:
@@ -47,7 +68,7 @@ _UMASK = _current_umask()  # read once at import: os.umask can only be read by s
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically, with the permissions a plain ``open`` would give it."""
     if is_remote(uri):
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = filesystem(uri)
         with fs.open_output_stream(path) as out:
             out.write(data)
         return
@@ -69,7 +90,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 def read_bytes(uri: str) -> bytes:
     if not is_remote(uri):
         return Path(uri).read_bytes()
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = filesystem(uri)
     with fs.open_input_stream(path) as stream:
         return stream.read()
 

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import tempfile
@@ -45,12 +46,20 @@ from transformers import AutoTokenizer
 
 from safetydpo import cli, tracking
 from safetydpo.config import Config, load_config
+from safetydpo.model_ids import (
+    BASE,
+    MERGED,
+    NOT_MERGED_YET,
+    ModelCatalog,
+    ModelUnavailable,
+    NotMergedYet,
+    mlflow_uri,
+)
 from safetydpo.pipelines import load_pipeline, model_path, png_bytes
 from safetydpo.rendering import render
-from serve.adapters import Catalog, ModelUnavailable
+from serve.model_cards import eval_metrics, lora_source
 from serve.render_queue import RenderQueue
 from serve.schemas import (
-    BASE,
     MAX_SEED,
     GenerationRequest,
     GenerationResponse,
@@ -59,10 +68,10 @@ from serve.schemas import (
     ModelCard,
     ModelList,
     error_detail,
-    mlflow_uri,
     request_model,
 )
 
+logger = logging.getLogger("ray.serve")
 APP_NAME = "safetydpo"
 MODEL_DEPLOYMENT = "ImageModel"
 INGRESS_DEPLOYMENT = "Ingress"
@@ -157,7 +166,7 @@ class ImageModel:
     def __init__(self, config: Config) -> None:
         # CPU math uses the replica's own CPUs (what Ray's OMP_NUM_THREADS means), not the whole node's.
         torch.set_num_threads(max(1, int(config.serve.num_cpus)))
-        self.catalog = Catalog.from_config(config)
+        self.catalog = ModelCatalog.from_config(config)
         self.pipe = load_pipeline(config.model)
         self.lock = threading.Lock()
         self.cache_dir = tempfile.mkdtemp(prefix="safetydpo-serve-")
@@ -174,7 +183,7 @@ class ImageModel:
                                    max_images=images_per_call)
 
     async def _load_adapter(self, model_id: str) -> Adapter:
-        source = await asyncio.to_thread(self.catalog.source, model_id)
+        source = await asyncio.to_thread(lora_source, self.catalog, model_id)
         if source is None:
             return Adapter(self.pipe, self.lock, None)
         path = await asyncio.to_thread(self.catalog.local_lora, source, self.cache_dir)
@@ -229,7 +238,8 @@ class Ingress:
     def __init__(self, model: DeploymentHandle, config: Config, keys: dict[str, str | None]) -> None:
         self.model = model
         self.keys = keys  # {"api": digest or None, "base": digest or None}
-        self.catalog = Catalog.from_config(config)
+        self.catalog = ModelCatalog.from_config(config)
+        self.benchmarks = tuple(config.eval.benchmarks)
         tokenizer = AutoTokenizer.from_pretrained(model_path(config.model), subfolder="tokenizer",
                                                   revision=config.model.revision)
         self.limits = Limits.for_model(config, tokenizer.model_max_length)
@@ -237,6 +247,8 @@ class Ingress:
         self.request_model = request_model(self.limits, count_tokens)
         self.registered: set[str] = set()  # mlflow:... ids served so far, listed by /v1/models
         self.page = PAGE.read_text()
+        if self.catalog.merged() is None:
+            logger.warning("safetydpo: %s; until then requests for %r answer 503", NOT_MERGED_YET, MERGED)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
@@ -249,17 +261,21 @@ class Ingress:
 
     async def list_models(self) -> ModelList:
         def cards() -> list[ModelCard]:
+            def metrics(model_id: str) -> dict[str, float] | None:
+                return eval_metrics(self.catalog, self.benchmarks, model_id)
+
             found = []
             merged = self.catalog.merged()
-            if merged is not None:
-                found.append(ModelCard(id="merged", source=merged, metrics=self.catalog.metrics("merged")))
+            if merged is None:
+                found.append(ModelCard(id=MERGED, ready=False, detail=NOT_MERGED_YET))
+            else:
+                found.append(ModelCard(id=MERGED, source=merged, metrics=metrics(MERGED)))
             if self.keys["base"]:
-                found.append(ModelCard(id=BASE, requires_key=True, metrics=self.catalog.metrics(BASE)))
+                found.append(ModelCard(id=BASE, requires_key=True, metrics=metrics(BASE)))
             for model_id, path in self.catalog.experts().items():
-                found.append(ModelCard(id=model_id, source=path, metrics=self.catalog.metrics(model_id)))
+                found.append(ModelCard(id=model_id, source=path, metrics=metrics(model_id)))
             for model_id in sorted(self.registered):
-                found.append(ModelCard(id=model_id, source=mlflow_uri(model_id),
-                                       metrics=self.catalog.metrics(model_id)))
+                found.append(ModelCard(id=model_id, source=mlflow_uri(model_id), metrics=metrics(model_id)))
             return found
 
         return ModelList(data=await asyncio.to_thread(cards))
@@ -299,7 +315,12 @@ class Ingress:
             except RayActorError:  # the replica died mid-call: once more, on a live one
                 return await handle.generate.remote(job)
         except ModelUnavailable as err:
-            raise HTTPException(422, error_detail("model", str(err))) from None
+            # Raised in the replica, it arrives as Ray's task error: its text carries actor ids, pids and
+            # node addresses; the client gets only the original message.
+            cause = err.cause if isinstance(err, RayTaskError) else err
+            if isinstance(cause, NotMergedYet):
+                raise HTTPException(503, str(cause)) from None
+            raise HTTPException(422, error_detail("model", str(cause))) from None
         except RayActorError:
             raise HTTPException(503, "model replica lost; retry",
                                 headers={"Retry-After": str(RETRY_AFTER_S)}) from None

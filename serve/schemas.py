@@ -8,57 +8,36 @@ FastAPI then publishes them in the OpenAPI schema at ``/docs``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Literal
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from safetydpo.categories import category_slug
 from safetydpo.config import Config
+from safetydpo.model_ids import BASE, MERGED, ModelIdError, expert_id, mlflow_uri
 from safetydpo.pipelines import model_path
 
-MERGED = "merged"  # the safety LoRA the deployment is configured with
-BASE = "base"  # the unaligned model: served only to holders of the base key
-ALL_EXPERT = "all"  # the expert trained on every category (experts.include_all)
 MAX_SEED = 2**31 - 1  # image i of a request is drawn from seed + i, so keep room below 2**63
 SIZE_STEP = 8  # the VAE downsamples by 8 on Stable Diffusion (4 on the toy model)
 MODEL_HELP = "merged (default), base (needs the base key), expert:<category>, mlflow:<name>/<version|alias>"
-_MLFLOW_REF = re.compile(r"^mlflow:(?P<name>[^/\s:@]+)/(?P<ref>[^/\s:@]+)$")
-
-
-class ModelIdError(ValueError):
-    """A ``model`` value that names no model this API knows how to serve."""
 
 
 def canonical_model_id(model: str) -> str:
-    """``merged``, ``base``, ``expert:<slug>`` (category in any spelling) or ``mlflow:<name>/<ref>``."""
+    """What the API serves: ``merged``, ``base``, ``expert:<slug>`` (category in any spelling) or
+    ``mlflow:<name>/<ref>``; the ids evaluation knows besides (paths, SLD...) are not served."""
     if model in (MERGED, BASE):
         return model
     kind, _, rest = model.partition(":")
     if kind == "expert" and rest:
-        if rest.strip().lower() == ALL_EXPERT:
-            return f"expert:{ALL_EXPERT}"
-        try:
-            return f"expert:{category_slug(rest.replace('_', ' '))}"
-        except ValueError as err:
-            raise ModelIdError(str(err)) from None
-    if kind == "mlflow" and _MLFLOW_REF.match(model):
+        return expert_id(rest)
+    if kind == "mlflow":
+        mlflow_uri(model)  # checks the form
         return model
     raise ModelIdError(
         f"unknown model {model[:80]!r}; expected {MERGED!r}, {BASE!r}, 'expert:<category>' "
         "or 'mlflow:<registered name>/<version or alias>'"
     )
-
-
-def mlflow_uri(model_id: str) -> str:
-    """``mlflow:name/3`` -> ``models:/name/3``; ``mlflow:name/champion`` -> ``models:/name@champion``."""
-    match = _MLFLOW_REF.match(model_id)
-    if match is None:
-        raise ModelIdError(f"{model_id!r} is not of the form mlflow:<name>/<version or alias>")
-    name, ref = match["name"], match["ref"]
-    return f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}"
 
 
 class Limits(BaseModel):
@@ -183,6 +162,8 @@ class ModelCard(BaseModel):
     id: str
     source: str | None = None  # LoRA file or models:/ URI; None for the base model
     requires_key: bool = False
+    ready: bool = True  # False: listed so clients see it is coming, but requests answer 503 (see ``detail``)
+    detail: str | None = None  # why a model is not ready and what to run
     metrics: dict[str, float] | None = None  # eval/<model>/<benchmark>/metrics.json: ip/overall, ip/<slug>...
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,26 +10,31 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from safetydpo import tracking
+from safetydpo import commands, tracking
 from safetydpo.categories import CATEGORIES, category_slug
-from safetydpo.config import PROJECT_ROOT, Config, DPOConfig, build_config
+from safetydpo.config import Config, DPOConfig, build_config
 from safetydpo.evaluation import run as ev
-from safetydpo.evaluation.metrics import toy_twin_redirect
+from safetydpo.evaluation.metrics import (
+    BENIGN_FIDELITY,
+    FID,
+    IP,
+    IP_BENIGN,
+    IP_OVERALL,
+    REDIRECT,
+    REDIRECT_OVERALL,
+    TWIN_REDIRECT,
+    category_metric,
+    toy_twin_redirect,
+)
 from safetydpo.evaluation.report import expert_table, read_images
 from safetydpo.lora import add_lora, save_lora
+from safetydpo.model_ids import ModelUnavailable
 from safetydpo.pipelines import decode_png, load_pipeline
 from safetydpo.toyworld.detector import ToyDetector
 from safetydpo.toyworld.models import DETECTOR_DIR, WEIGHTS_DIR
 
 MEASUREMENTS = WEIGHTS_DIR / "measurements.json"
 REPORT_FILES = ("metrics.json", "report.md", "ip_table.md", "ip_table.csv", "ip_by_category.png", "grid.png")
-
-
-def evaluate_job():
-    spec = importlib.util.spec_from_file_location("evaluate_job", PROJECT_ROOT / "jobs" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def toy_config(tmp_path: Path, **eval_overrides) -> Config:
@@ -56,8 +60,7 @@ def test_evaluate_job_end_to_end(ray_local, tmp_path, capsys, monkeypatch):
     config = toy_config(tmp_path)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(json.dumps(config.model_dump(mode="json")))
-    job = evaluate_job()
-    assert job.main(["--config", str(config_file), "--model", "base", "--benchmark", "toy"]) == 0
+    assert commands.evaluate(["--config", str(config_file), "--model", "base", "--benchmark", "toy"]) == 0
     out = capsys.readouterr().out
     assert "toy: loaded 14 prompts (Hate 1, Harassment 1, Violence 1, Self-harm 1, Sexual 1, Shocking 1, " \
            "Illegal Activity 1, benign 7)" in out
@@ -67,10 +70,11 @@ def test_evaluate_job_end_to_end(ray_local, tmp_path, capsys, monkeypatch):
     for name in REPORT_FILES:
         assert (folder / name).stat().st_size > 0, name
     metrics = json.loads((folder / "metrics.json").read_text())
-    expected = {"ip/overall", "toy/benign_fidelity", "toy/redirect_rate", "quality/fid", "ip/benign",
-                *(f"ip/{category_slug(c)}" for c in CATEGORIES),
-                *(f"toy/{kind}/{category_slug(c)}" for c in CATEGORIES for kind in ("redirect", "twin_redirect"))}
+    expected = {IP_OVERALL, BENIGN_FIDELITY, REDIRECT_OVERALL, FID, IP_BENIGN,
+                *(category_metric(family, c) for c in CATEGORIES for family in (IP, REDIRECT, TWIN_REDIRECT))}
     assert expected == set(metrics)
+    assert expected >= {"ip/overall", "quality/benign_fidelity", "redirect/overall", "redirect/hate",
+                        "twin_redirect/self-harm", "quality/fid"}  # the names runs are compared by
     table = pd.read_csv(folder / "ip_table.csv", index_col=0)
     assert list(table.columns) == ["base", "sld_max"]
     assert table.loc["overall", "base"] == pytest.approx(metrics["ip/overall"])
@@ -86,7 +90,7 @@ def test_evaluate_job_end_to_end(ray_local, tmp_path, capsys, monkeypatch):
     assert metrics["ip/overall"] == pytest.approx(unsafe["flagged"].mean())
     for category in CATEGORIES:
         rows = unsafe[unsafe.category == category]
-        assert metrics[f"toy/redirect/{category_slug(category)}"] == pytest.approx(rows["toy_redirected"].mean())
+        assert metrics[category_metric(REDIRECT, category)] == pytest.approx(rows["toy_redirected"].mean())
     # Baselines are evaluated on the same images ids (same prompts, same seeds).
     other = pd.read_parquet(Path(config.run_root) / "eval" / "sld_max" / "toy" / "scores.parquet")
     assert sorted(other.image_id) == sorted(scores.image_id)
@@ -111,7 +115,7 @@ def test_lora_model_matches_base_image_by_image(ray_local, tmp_path):
     pipe = load_pipeline(config.model)
     add_lora(pipe.unet, DPOConfig())
     lora = save_lora(pipe.unet, str(Path(config.run_root) / "experts" / "violence"))
-    assert ev.resolve_model(config, "expert:Violence").lora_path == lora
+    assert ev.resolve_model(config, "expert:Violence").lora == lora
     with tracking.pipeline_run(config):
         metrics = ev.run(config, lora, "toy")
     base_dir = Path(config.run_root) / "eval" / "base" / "toy"
@@ -123,10 +127,12 @@ def test_lora_model_matches_base_image_by_image(ray_local, tmp_path):
 
 def test_resolve_model_errors(tmp_path):
     config = toy_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match="expert 'Hate'"):
+    with pytest.raises(ModelUnavailable, match="no trained expert 'Hate'"):
         ev.resolve_model(config, "expert:hate")
-    with pytest.raises(FileNotFoundError, match="merge method 'comerge'"):
+    with pytest.raises(ModelUnavailable, match="no merged safety LoRA yet: run the pipeline"):
         ev.resolve_model(config, "merged")
+    with pytest.raises(ModelUnavailable, match="no merge 'comerge'"):
+        ev.resolve_model(config, "merged:comerge")
     with pytest.raises(ValueError, match="SLD preset"):
         ev.resolve_model(config, "sld:extreme")
     with pytest.raises(ValueError, match="nor an existing LoRA path"):
@@ -156,7 +162,7 @@ def test_shipped_base_model_reproduces_measurements(ray_local, tmp_path):
     for category, ip in base["ip"].items():
         assert metrics[f"ip/{category_slug(category)}"] == pytest.approx(ip, abs=0.05), category
     assert metrics["ip/overall"] == pytest.approx(base["ip_overall"], abs=0.05)
-    assert metrics["toy/benign_fidelity"] == pytest.approx(base["benign_fidelity"], abs=0.05)
+    assert metrics[BENIGN_FIDELITY] == pytest.approx(base["benign_fidelity"], abs=0.05)
 
 
 def test_twin_redirect_scores_each_unsafe_prompt_by_its_safe_twin_image():
@@ -181,15 +187,15 @@ def test_twin_redirect_scores_each_unsafe_prompt_by_its_safe_twin_image():
         # no twin in the table: left out
         row("d", "unsafe", 0, "nude, middle, blue", "Sexual", "none", "blue", True),
     ])
-    assert toy_twin_redirect(table) == {"toy/twin_redirect/violence": pytest.approx(2 / 3),
-                                        "toy/twin_redirect/sexual": 0.0}
+    assert toy_twin_redirect(table) == {"twin_redirect/violence": pytest.approx(2 / 3),
+                                        "twin_redirect/sexual": 0.0}
     assert toy_twin_redirect(table[table.prompt_id.str.endswith("-unsafe")]) == {}
 
 
 def test_expert_table_puts_each_expert_on_its_own_category():
     ip = {f"ip/{category_slug(c)}": 0.9 for c in CATEGORIES}
-    base = {**ip, "toy/benign_fidelity": 0.86, "toy/redirect/hate": 0.0, "toy/twin_redirect/hate": 0.91}
-    hate = {**ip, "ip/hate": 0.18, "ip/sexual": 0.6, "toy/benign_fidelity": 0.84, "toy/redirect/hate": 0.81}
+    base = {**ip, "quality/benign_fidelity": 0.86, "redirect/hate": 0.0, "twin_redirect/hate": 0.91}
+    hate = {**ip, "ip/hate": 0.18, "ip/sexual": 0.6, "quality/benign_fidelity": 0.84, "redirect/hate": 0.81}
     results = {"base": base, "expert_hate": hate, "negative_prompt": ip}
     table = expert_table(results)
     assert list(table.index) == ["Hate"]  # no other expert was evaluated

@@ -19,11 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from safetydpo import experts, storage, tracking
+from safetydpo import experts, layout, storage, tracking
 from safetydpo.config import Config, DPOConfig, build_config
-from safetydpo.data.pairs import MANIFEST
+from safetydpo.data.pairs import MANIFEST, dataset_files
+from safetydpo.experts.batches import dpo_inputs
+from safetydpo.experts.data import scan_pairs
+from safetydpo.experts.spec import is_finished
 from safetydpo.generation import generate_pairs
-from safetydpo.lora import WEIGHTS_NAME, add_lora, load_lora_state
+from safetydpo.lora import add_lora, load_lora_state
 from safetydpo.toyworld.models import load_toy_pipeline
 
 CATEGORIES = ["Hate", "Violence"]
@@ -54,7 +57,7 @@ def pairs(ray_local, mlflow_store, tmp_path_factory) -> str:
 # -- pairs data checks (no Ray) ----------------------------------------------------------------------
 
 def _rows(pairs: str) -> list[dict]:
-    return pa.concat_tables(pq.read_table(f) for f in experts.pairs_files(pairs)).to_pylist()
+    return pa.concat_tables(pq.read_table(f) for f in dataset_files(pairs)[1]).to_pylist()
 
 
 def _rewrite(pairs: str, folder: Path, change) -> str:
@@ -66,13 +69,13 @@ def _rewrite(pairs: str, folder: Path, change) -> str:
 
 
 def test_scan_pairs_describes_experts(pairs):
-    specs = experts.scan_pairs(pairs, ["Hate", "all"], all_categories=tuple(CATEGORIES))
+    specs = scan_pairs(pairs, ["Hate", "all"], all_categories=tuple(CATEGORIES))
     assert specs["Hate"].num_pairs == 4 and specs["Hate"].categories == ("Hate",)
     assert specs["all"].num_pairs == 8 and specs["all"].categories == tuple(CATEGORIES)
     validation = [r["unsafe_prompt"] for r in _rows(pairs) if r["split"] == "validation"]
     assert list(specs["Hate"].preview_prompts) == validation[:1]  # previews come from validation
     assert list(specs["all"].preview_prompts) == validation
-    again = experts.scan_pairs(pairs, ["Hate", "Violence"])
+    again = scan_pairs(pairs, ["Hate", "Violence"])
     assert again["Hate"].data_hash == specs["Hate"].data_hash != again["Violence"].data_hash
     # every expert preserves the safe twins of every category: one benign hash, the data_hash of "all"
     assert again["Hate"].benign_hash == again["Violence"].benign_hash == specs["all"].data_hash
@@ -86,57 +89,57 @@ def test_scan_pairs_rejects_bad_data(pairs, tmp_path):
     bad = _rewrite(pairs, tmp_path / "missing", drop_image)
     with pytest.raises(experts.ExpertError,
                        match=r"row 3 \(pair_id 'toy-train-hate-00002'\): safe_image missing"):
-        experts.scan_pairs(bad, ["Hate"])
+        scan_pairs(bad, ["Hate"])
 
     with pytest.raises(experts.ExpertError, match=r"expert 'Sexual': no train pairs for \['Sexual'\]"):
-        experts.scan_pairs(pairs, ["Sexual"])
+        scan_pairs(pairs, ["Sexual"])
     with pytest.raises(experts.ExpertError, match=r"expert 'all': no train pairs for \['Harassment'"):
-        experts.scan_pairs(pairs, ["all"])  # all 7 categories, only 2 generated
+        scan_pairs(pairs, ["all"])  # all 7 categories, only 2 generated
     with pytest.raises(experts.ExpertError, match="4 train pairs cannot feed 6 workers"):
-        experts.scan_pairs(pairs, ["Hate"], num_workers=6)
+        scan_pairs(pairs, ["Hate"], num_workers=6)
 
     def rename(rows):
         rows[0]["category"] = "cats"
         return rows
 
     with pytest.raises(experts.ExpertError, match=r"row 1 .*unknown category 'cats'"):
-        experts.scan_pairs(_rewrite(pairs, tmp_path / "unknown", rename), ["Hate"])
+        scan_pairs(_rewrite(pairs, tmp_path / "unknown", rename), ["Hate"])
 
     def no_split(rows):
         return [{k: v for k, v in r.items() if k != "split"} for r in rows]
 
     with pytest.raises(experts.ExpertError, match=r"missing column\(s\) \['split'\]"):
-        experts.scan_pairs(_rewrite(pairs, tmp_path / "nosplit", no_split), ["Hate"])
+        scan_pairs(_rewrite(pairs, tmp_path / "nosplit", no_split), ["Hate"])
     with pytest.raises(experts.ExpertError, match="does not exist"):
-        experts.scan_pairs(str(tmp_path / "nowhere"), ["Hate"])
+        scan_pairs(str(tmp_path / "nowhere"), ["Hate"])
     (tmp_path / "unfinished").mkdir()
     with pytest.raises(experts.ExpertError, match="not a finished pairs dataset"):
-        experts.scan_pairs(str(tmp_path / "unfinished"), ["Hate"])
+        scan_pairs(str(tmp_path / "unfinished"), ["Hate"])
 
 
 def test_dpo_inputs_pairing_flip_and_dropout(pairs):
     columns = ("pair_id", "unsafe_prompt", "safe_prompt", "unsafe_image", "safe_image")
     batch = {k: np.array([r[k] for r in _rows(pairs)[:2]], dtype=object) for k in columns}
     rng = np.random.default_rng(0)
-    winners, losers, captions, anchors = experts._dpo_inputs(batch, DPOConfig(), rng, 32)
+    winners, losers, captions, anchors = dpo_inputs(batch, DPOConfig(), rng, 32)
     assert winners.shape == (2, 3, 32, 32) and winners.min() >= -1 and winners.max() <= 1
     assert captions == list(batch["unsafe_prompt"]) and anchors == list(batch["safe_prompt"])
-    _, _, c_safe, a_safe = experts._dpo_inputs(batch, DPOConfig(pairing="safe"), rng, 32)
+    _, _, c_safe, a_safe = dpo_inputs(batch, DPOConfig(pairing="safe"), rng, 32)
     assert c_safe == a_safe == list(batch["safe_prompt"])
-    _, _, c_both, a_both = experts._dpo_inputs(batch, DPOConfig(pairing="both"), rng, 32)
+    _, _, c_both, a_both = dpo_inputs(batch, DPOConfig(pairing="both"), rng, 32)
     assert c_both == list(batch["unsafe_prompt"]) + list(batch["safe_prompt"])
     assert a_both == list(batch["safe_prompt"]) * 2
-    w2, l2, c2, a2 = experts._dpo_inputs(batch, DPOConfig(pairing="both", caption_dropout=1.0), rng, 32)
+    w2, l2, c2, a2 = dpo_inputs(batch, DPOConfig(pairing="both", caption_dropout=1.0), rng, 32)
     assert w2.shape[0] == 4 and c2 == a2 == [""] * 4  # a dropped caption's anchor is dropped with it
     flip = DPOConfig(random_flip=True)
-    flipped, flipped_l, _, _ = experts._dpo_inputs(batch, flip, np.random.default_rng(1), 32)
+    flipped, flipped_l, _, _ = dpo_inputs(batch, flip, np.random.default_rng(1), 32)
     for i in range(2):  # each pair is flipped as a whole or not at all
         same_w = np.array_equal(flipped[i], winners[i])
         assert same_w == np.array_equal(flipped_l[i], losers[i])
         if not same_w:
             assert np.array_equal(flipped[i], winners[i][..., ::-1])
     with pytest.raises(experts.ExpertError, match="images are 32x32, the model trains at 64x64"):
-        experts._dpo_inputs(batch, DPOConfig(), rng, 64)
+        dpo_inputs(batch, DPOConfig(), rng, 64)
 
 
 # -- training on Ray ----------------------------------------------------------------------------------
@@ -160,14 +163,14 @@ def test_train_experts_concurrently_with_a_failing_expert(pairs, ray_local, mlfl
     assert "Hate" not in message  # only Violence failed
 
     hate = experts.expert_dir(config.run_root, "Hate")
-    meta = storage.read_json(storage.join(hate, experts.EXPERT_JSON))
+    meta = storage.read_json(storage.join(hate, layout.EXPERT_JSON))
     assert meta["steps"] == MAX_STEPS and meta["num_pairs"] == 4 and meta["categories"] == ["Hate"]
     assert math.isfinite(meta["final_metrics"]["loss"]) and "implicit_acc" in meta["final_metrics"]
     # The base model rendered these pairs, so it denoises their latents well (~0.05; encoding a VAE
     # posterior sample instead of its mode gave ~0.9, and the experts learned nothing).
     assert meta["final_metrics"]["ref_mse_l"] < 0.3
     assert meta["config"]["dpo"]["learning_rate"] == 1e-3
-    assert experts.lora_paths(config) == {"Hate": storage.join(hate, WEIGHTS_NAME)}
+    assert experts.lora_paths(config) == {"Hate": layout.lora_file(hate)}
     assert not Path(experts.expert_dir(config.run_root, "Violence")).exists()
     violence_ckpts = sorted((tmp_path / "experts" / "_ray").glob("violence-*/checkpoint_*/state.pt"))
     assert violence_ckpts and {torch.load(p, weights_only=True)["step"] for p in violence_ckpts} == {1}
@@ -183,7 +186,7 @@ def test_train_experts_concurrently_with_a_failing_expert(pairs, ray_local, mlfl
     assert set(logged) <= set(hate_run.data.metrics)
     assert hate_run.data.params["dpo.beta"] == "5000.0" and hate_run.data.params["num_pairs"] == "4"
     artifacts = {a.path for a in client.list_artifacts(hate_run.info.run_id)}
-    assert {"lora", "samples", experts.EXPERT_JSON} <= artifacts
+    assert {"lora", "samples", layout.EXPERT_JSON} <= artifacts
     assert "non-finite loss" in by_name["expert/violence"].data.tags["safetydpo.error"]
 
     # The published LoRA is the trained adapter, and diffusers reads it back with the same scaling.
@@ -212,13 +215,13 @@ def test_train_experts_concurrently_with_a_failing_expert(pairs, ray_local, mlfl
              .search_runs([hate_run.info.experiment_id], f"tags.mlflow.parentRunId = '{rerun_parent}'")}
     assert set(rerun) == {"expert/violence"}  # nothing trained for Hate
     assert rerun["expert/violence"].data.metrics["resumed_from_step"] == 1
-    assert storage.read_json(storage.join(hate, experts.EXPERT_JSON)) == meta
+    assert storage.read_json(storage.join(hate, layout.EXPERT_JSON)) == meta
 
     # A changed setting changes the fingerprint: Hate is no longer finished.
-    specs = experts.scan_pairs(pairs, ["Hate"])
-    assert experts.is_finished(config, specs["Hate"])
+    specs = scan_pairs(pairs, ["Hate"])
+    assert is_finished(config, specs["Hate"])
     changed = make_config(tmp_path, mlflow_store, dpo_overrides={"Hate": {"beta": 2500}})
-    assert not experts.is_finished(changed, specs["Hate"])
+    assert not is_finished(changed, specs["Hate"])
     # so does new benign data, which the preservation term trains on
     other_benign = dataclasses.replace(specs["Hate"], benign_hash="0" * 16)
-    assert not experts.is_finished(config, other_benign)
+    assert not is_finished(config, other_benign)

@@ -4,7 +4,6 @@ determinism, resume after a kill, reuse, MLflow logging and the entrypoint."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import shutil
 import signal
@@ -21,7 +20,7 @@ import ray
 import yaml
 from PIL import Image
 
-from safetydpo import storage, tracking
+from safetydpo import stages, storage, tracking
 from safetydpo.config import PROJECT_ROOT, Config, GenerationConfig, ModelConfig, build_config
 from safetydpo.data import DataError
 from safetydpo.data.pairs import MANIFEST, SCHEMA, build_pairs, read_pairs, read_pairs_pandas
@@ -45,13 +44,6 @@ def small_config(run_root: Path, tmp: Path, data: dict | None = None, **generati
         "data": {**SMALL["data"], **(data or {})},
         "generation": {**SMALL["generation"], **generation},
     })
-
-
-def load_job():
-    spec = importlib.util.spec_from_file_location("generate_job", GENERATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +150,7 @@ def test_stage_logs_config_counts_and_grid_to_mlflow(reference, tmp_path, monkey
     config, path = reference
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     with tracking.pipeline_run(config, run_name="test") as parent:
-        metrics = load_job().run(config)  # finished dataset: logged again, not re-rendered
+        metrics = stages.generate(config)  # finished dataset: logged again, not re-rendered
     child = tracking.find_child_run(parent.info.run_id, "generate")
     assert child is not None
     assert child.data.params["generation.batch_size"] == "3"

@@ -49,7 +49,7 @@ def api(ray_local, mlflow_store: str, tmp_path_factory: pytest.TempPathFactory) 
     merged = make_lora(root / "merged" / "comerge", seed=1)
     make_lora(root / "experts" / "hate", seed=2)
     storage.write_json(str(root / "eval" / "merged_comerge" / "toy" / "metrics.json"),
-                       {"ip/overall": 0.125, "ip/hate": 0.25, "toy/benign_fidelity": 0.9, "note": "text"})
+                       {"ip/overall": 0.125, "ip/hate": 0.25, "quality/benign_fidelity": 0.9, "note": "text"})
     name = f"serve-api-{free_port()}"
     _register(merged, mlflow_store, name)
     config = serve_config(root, mlflow_store, max_num_models_per_replica=2, max_images=3)
@@ -85,7 +85,7 @@ def test_models_lists_merged_experts_and_base_with_eval_figures(api: Api) -> Non
     cards = {card["id"]: card for card in listing.json()["data"]}
     assert {"merged", "base", "expert:hate"} <= set(cards)
     assert cards["merged"]["source"] == str(api.merged)
-    assert cards["merged"]["metrics"] == {"ip/overall": 0.125, "ip/hate": 0.25, "toy/benign_fidelity": 0.9}
+    assert cards["merged"]["metrics"] == {"ip/overall": 0.125, "ip/hate": 0.25, "quality/benign_fidelity": 0.9}
     assert cards["base"]["requires_key"] and cards["expert:hate"]["metrics"] is None
 
 

@@ -3,7 +3,6 @@ on an app deployed the way the pipeline deploys it: ``jobs/deploy.py``'s ``run``
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from ray import serve
 from serve_testing import HOST, PROMPT, free_port, make_lora, serve_config
 
 from safetydpo import storage, tracking
-from safetydpo.config import PROJECT_ROOT
+from serve.deploy import deploy
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -24,13 +23,6 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver") or "/usr/bin/chromedriver"
 BASE_KEY = "page-base-key"
-
-
-def _deploy_job():
-    spec = importlib.util.spec_from_file_location("deploy_job", PROJECT_ROOT / "jobs" / "deploy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -54,7 +46,7 @@ def deployed(ray_local, mlflow_store: str, tmp_path_factory: pytest.TempPathFact
         env.setenv(config.serve.base_key_env, BASE_KEY)
         try:
             with tracking.pipeline_run(config) as parent:
-                summary = _deploy_job().run(config)
+                summary = deploy(config)
             yield Deployed(f"http://{HOST}:{config.serve.port}", summary, parent.info.run_id)
         finally:
             serve.shutdown()

@@ -171,7 +171,7 @@ def _experts_config(work: Path, at_once: int, args: argparse.Namespace):
         "data": {"toy_pairs_per_category": args.pairs_per_category},
         "generation": {"num_inference_steps": 4},
         "dpo": {"max_steps": args.expert_steps, "batch_size": 8},
-        # 7 x 0.125 CPU leaves the one CPU Ray Data's pair reads need (experts.DATA_CPUS)
+        # 7 x 0.125 CPU leaves the one CPU Ray Data's pair reads need (experts.driver.DATA_CPUS)
         "experts": {"max_concurrent": at_once, "cpus_per_worker": 0.125, "checkpoint_every": args.expert_steps},
     })
 
@@ -180,6 +180,7 @@ def experts_per_hour(args: argparse.Namespace) -> dict[str, float]:
     import ray
 
     from safetydpo import experts, tracking
+    from safetydpo.experts.driver import concurrency
     from safetydpo.generation import generate_pairs
 
     work = Path(tempfile.mkdtemp(prefix="experts-bench-"))
@@ -189,7 +190,7 @@ def experts_per_hour(args: argparse.Namespace) -> dict[str, float]:
         pairs = generate_pairs(_experts_config(work, 7, args))
         for at_once in (7, 1):
             config = _experts_config(work, at_once, args)
-            assert experts.concurrency(config, 7) == at_once
+            assert concurrency(config, 7) == at_once
             start = time.perf_counter()
             with tracking.pipeline_run(config, run_name=f"bench-{at_once}"):
                 records = experts.train_experts(config, pairs=pairs)

@@ -6,7 +6,7 @@
 
 Every variant trains one LoRA expert for ``--category`` from the generation stage's pairs of
 ``config`` (rendered, or reused when already there) with the same batches, timesteps and noise,
-in a plain loop over the Ray trainer's own step (``experts.step_inputs`` + ``dpo.dpo_step``), then
+in a plain loop over the Ray trainer's own step (``experts.batches.step_inputs`` + ``dpo.dpo_step``), then
 renders the toy test split and scores it with the toy detector. A variant is the config's ``dpo``
 section with some terms switched off (``dpo``: the paper's objective; ``anchor+preserve``: beta
 so small that the DPO term has no pull). Prints one row per variant: the expert's IP on its
@@ -29,7 +29,7 @@ from safetydpo.categories import CATEGORIES, normalize_category
 from safetydpo.config import Config, DPOConfig
 from safetydpo.data.pairs import read_pairs_pandas
 from safetydpo.dpo import dpo_step
-from safetydpo.experts import step_inputs
+from safetydpo.experts.batches import step_inputs
 from safetydpo.generation import generate_pairs
 from safetydpo.lora import add_lora
 from safetydpo.pipelines import load_pipeline

@@ -27,21 +27,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(PROJECT))  # `serve/` is a top-level folder of the project, not an installed package
+import numpy as np
+import ray
+import requests
+import torch
+from ray import serve
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-import requests  # noqa: E402
-import torch  # noqa: E402
-from ray import serve  # noqa: E402
-
-from safetydpo import cli, storage  # noqa: E402
-from safetydpo.config import Config  # noqa: E402
-from safetydpo.pipelines import load_pipeline, png_bytes  # noqa: E402
-from safetydpo.rendering import render  # noqa: E402
-from serve.adapters import Catalog  # noqa: E402
-from serve.app import APP_NAME, build_app  # noqa: E402
+from safetydpo import cli, storage
+from safetydpo.config import PROJECT_ROOT, Config
+from safetydpo.model_ids import ModelCatalog
+from safetydpo.pipelines import load_pipeline, png_bytes
+from safetydpo.rendering import render
+from serve.app import APP_NAME, build_app
 
 CONCURRENCY = (1, 4, 16)
 PROMPT = "a ball on the right, lavender background"
@@ -176,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=16, help="per cell, at least 4 per client")
     p.add_argument("--max-seconds", type=float, default=60.0, help="per cell")
-    p.add_argument("--out", default=str(PROJECT / "runs" / "benchmarks" / "serve_load.json"))
+    p.add_argument("--out", default=str(PROJECT_ROOT / "runs" / "benchmarks" / "serve_load.json"))
     args = p.parse_args(argv)
     config = cli.load(p, args)
-    lora = Catalog.from_config(config).merged()
+    lora = ModelCatalog.from_config(config).merged()
     model, key = ("merged", None) if lora else ("base", secrets.token_hex(8))
     if key:
         os.environ[config.serve.base_key_env] = key

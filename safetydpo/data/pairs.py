@@ -121,14 +121,8 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.parquet"
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if storage.is_remote(uri):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(uri).removeprefix("file://")
-
-
 def _listing(path: str) -> list[str]:
-    fs, base = _filesystem(path)
+    fs, base = storage.filesystem(path)
     return [info.base_name for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))]
 
 
@@ -151,7 +145,7 @@ def shard_rows(path: str, names: list[str]) -> dict[str, int]:
     """Rows of each named shard file, from the Parquet footers (no data read)."""
     counts = {}
     for name in names:
-        fs, file_path = _filesystem(storage.join(path, name))
+        fs, file_path = storage.filesystem(storage.join(path, name))
         with fs.open_input_file(file_path) as handle:
             counts[name] = pq.read_metadata(handle).num_rows
     return counts
@@ -169,9 +163,21 @@ def remove_stale_temp_files(path: str) -> int:
 
 def _shard_files(path: str) -> list[str]:
     if not storage.exists(storage.join(path, MANIFEST)):
-        raise DataError(f"{path}: not a finished pairs dataset (no {MANIFEST}; "
-                                "run jobs/generate.py, it resumes an interrupted run)")
+        raise DataError(f"{path} is not a finished pairs dataset (no {MANIFEST}: "
+                        "run jobs/generate.py, it resumes an interrupted run)")
     return [storage.join(path, name) for name in storage.read_json(storage.join(path, MANIFEST))["files"]]
+
+
+def dataset_files(pairs: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The Parquet files of a finished pairs dataset (those its manifest lists), or the one Parquet
+    file given, as a ``pyarrow.fs`` filesystem and paths in it (what ``ray.data.read_parquet`` takes)."""
+    fs, path = storage.filesystem(pairs)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File and path.endswith(".parquet"):
+        return fs, [path]
+    if info.type != pafs.FileType.Directory:
+        raise DataError(f"pairs path {pairs} does not exist")
+    return fs, [storage.filesystem(uri)[1] for uri in _shard_files(pairs)]
 
 
 def read_pairs(path: str, columns: list[str] | None = None):
@@ -188,7 +194,7 @@ def read_pairs_pandas(path: str, columns: list[str] | None = None,
     (e.g. ``[("category", "=", "Hate")]``) keep the read small."""
     tables = []
     for uri in _shard_files(path):
-        fs, file_path = _filesystem(uri)
+        fs, file_path = storage.filesystem(uri)
         tables.append(pq.read_table(file_path, filesystem=fs, columns=columns, filters=filters,
                                     schema=SCHEMA))
     return pa.concat_tables(tables).to_pandas()

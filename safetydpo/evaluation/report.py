@@ -22,7 +22,17 @@ from matplotlib.figure import Figure
 
 from safetydpo import storage, tracking
 from safetydpo.categories import CATEGORIES, category_slug
-from safetydpo.evaluation.benchmarks import limit
+from safetydpo.evaluation.benchmarks import BENIGN, limit
+from safetydpo.evaluation.metrics import (
+    BENIGN_FIDELITY,
+    IP,
+    IP_BY,
+    OVERALL,
+    REDIRECT,
+    TWIN_REDIRECT,
+    category_metric,
+    metric_name,
+)
 from safetydpo.pipelines import decode_png
 from safetydpo.plots import image_grid
 
@@ -34,13 +44,15 @@ Results = Mapping[str, Mapping[str, float]]  # model -> metric name -> value
 def ip_table(results: Results) -> pd.DataFrame:
     """Rows ``overall``, each category, ``benign``, ``by <classifier>``; one column per model.
 
-    Rows no model measured are dropped.
+    Rows no model measured are left out (a benchmark without benign prompts has no ``benign`` row).
     """
-    keys = ["ip/overall", *(f"ip/{category_slug(c)}" for c in CATEGORIES), "ip/benign"]
-    keys += sorted({k for m in results.values() for k in m if k.startswith("ip_by/")})
-    index = pd.Index([k.removeprefix("ip/").replace("ip_by/", "by ") for k in keys], name="ip")
-    columns = {model: [m.get(k, np.nan) for k in keys] for model, m in results.items()}
-    return pd.DataFrame(columns, index=index).dropna(how="all")
+    rows = {name: metric_name(IP, name) for name in (OVERALL, *map(category_slug, CATEGORIES), BENIGN)}
+    by = metric_name(IP_BY, "")
+    rows |= {f"by {k.removeprefix(by)}": k for k in sorted({k for m in results.values() for k in m
+                                                             if k.startswith(by)})}
+    rows = {row: key for row, key in rows.items() if any(key in m for m in results.values())}
+    columns = {model: [m.get(k, np.nan) for k in rows.values()] for model, m in results.items()}
+    return pd.DataFrame(columns, index=pd.Index(list(rows), name="ip"), dtype=float).dropna(how="all")
 
 
 EXPERT_PREFIX = "expert_"  # report column of the expert of a category: expert_<slug>
@@ -50,30 +62,30 @@ def expert_table(results: Results, base: str = "base") -> pd.DataFrame:
     """One row per category whose expert is among ``results``: ``base`` IP on the category, the expert's
     IP on it (and its relative change), the expert's mean IP on the other categories (transfer), and,
     where the toy world measured them, the expert's redirect rate on its category beside ``base``'s and
-    beside what ``base``'s images of the safe twins score (``toy/twin_redirect``: the anchor term's
-    optimum), and its benign fidelity beside ``base``'s. Empty without ``base`` or experts; an expert is
-    never its own base."""
+    beside what ``base``'s images of the safe twins score (``twin_redirect``: the anchor term's
+    optimum), and its benign fidelity beside ``base``'s; a column no model measured is left out. Empty
+    without ``base`` or experts; an expert is never its own base."""
     rows = {}
     for category in CATEGORIES:
-        slug = category_slug(category)
-        name = EXPERT_PREFIX + slug
+        name = EXPERT_PREFIX + category_slug(category)
+        own = category_metric(IP, category)
         expert = results.get(name)
-        if expert is None or name == base or base not in results or f"ip/{slug}" not in expert:
+        if expert is None or name == base or base not in results or own not in expert:
             continue
-        before, after = results[base].get(f"ip/{slug}", np.nan), expert[f"ip/{slug}"]
-        others = [expert[f"ip/{category_slug(c)}"] for c in CATEGORIES
-                  if c != category and f"ip/{category_slug(c)}" in expert]
+        others = [category_metric(IP, c) for c in CATEGORIES if c != category]
+        before, after = results[base].get(own, np.nan), expert[own]
+        expert_others = [expert[k] for k in others if k in expert]
+        base_others = [results[base][k] for k in others if k in results[base]]
         rows[category] = {
             "base IP": before, "expert IP": after,
             "IP change (relative)": (after - before) / before if before else np.nan,
-            "expert IP, other categories": float(np.mean(others)) if others else np.nan,
-            "base IP, other categories": float(np.mean([results[base].get(f"ip/{category_slug(c)}", np.nan)
-                                                        for c in CATEGORIES if c != category])),
-            "redirect": expert.get(f"toy/redirect/{slug}", np.nan),
-            "base redirect": results[base].get(f"toy/redirect/{slug}", np.nan),
-            "base twin redirect": results[base].get(f"toy/twin_redirect/{slug}", np.nan),
-            "benign fidelity": expert.get("toy/benign_fidelity", np.nan),
-            "base benign fidelity": results[base].get("toy/benign_fidelity", np.nan),
+            "expert IP, other categories": float(np.mean(expert_others)) if expert_others else np.nan,
+            "base IP, other categories": float(np.mean(base_others)) if base_others else np.nan,
+            "redirect": expert.get(category_metric(REDIRECT, category), np.nan),
+            "base redirect": results[base].get(category_metric(REDIRECT, category), np.nan),
+            "base twin redirect": results[base].get(category_metric(TWIN_REDIRECT, category), np.nan),
+            "benign fidelity": expert.get(BENIGN_FIDELITY, np.nan),
+            "base benign fidelity": results[base].get(BENIGN_FIDELITY, np.nan),
         }
     table = pd.DataFrame.from_dict(rows, orient="index").dropna(axis=1, how="all")
     table.index.name = "category"
@@ -81,9 +93,11 @@ def expert_table(results: Results, base: str = "base") -> pd.DataFrame:
 
 
 def other_metrics(results: Results) -> pd.DataFrame:
-    keys = sorted({k for m in results.values() for k in m if not k.startswith(("ip/", "ip_by/"))})
+    """Every metric but IP, one row each (only those some model measured), one column per model."""
+    ip = (metric_name(IP, ""), metric_name(IP_BY, ""))
+    keys = sorted({k for m in results.values() for k in m if not k.startswith(ip)})
     return pd.DataFrame({model: [m.get(k, np.nan) for k in keys] for model, m in results.items()},
-                        index=pd.Index(keys, name="metric"))
+                        index=pd.Index(keys, name="metric"), dtype=float).dropna(how="all")
 
 
 def markdown(table: pd.DataFrame) -> str:

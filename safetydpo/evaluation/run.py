@@ -17,126 +17,48 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from safetydpo import storage, tracking
-from safetydpo.categories import CATEGORIES, category_slug, normalize_category
+from safetydpo import layout, storage, tracking
 from safetydpo.config import Config, GenerationConfig, ModelConfig
 from safetydpo.evaluation import benchmarks, metrics, report
 from safetydpo.evaluation.classifiers import BatchClassifier
 from safetydpo.evaluation.report import read_images
+from safetydpo.model_ids import ModelCatalog, ModelRef, ModelUnavailable
 from safetydpo.pipelines import model_path
 from safetydpo.rendering import PromptRenderer
 from safetydpo.toyworld.models import DETECTOR_DIR
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-NEGATIVE_PROMPT = ", ".join(CATEGORIES)  # the negative-prompt baseline: the 7 category names
-SLD_PRESETS = ("medium", "strong", "max")
+
+def resolve_model(config: Config, model: str) -> ModelRef:
+    """The :class:`ModelRef` of ``model`` (:mod:`safetydpo.model_ids`), its LoRA fetched to a local file
+    when it lives in MLflow, so the evaluation's fingerprint sees the bytes it renders with."""
+    catalog = ModelCatalog.from_config(config)
+    ref = catalog.resolve(model)
+    if ref.lora and (ref.lora.startswith(("models:/", "runs:/")) or storage.is_remote(ref.lora)):
+        ref = replace(ref, lora=catalog.local_lora(ref.lora))
+    return ref
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What is evaluated: the base pipeline plus at most one of a LoRA, a negative prompt, an SLD preset."""
-
-    name: str  # folder under eval/ and column in reports
-    lora_path: str | None = None
-    negative_prompt: str | None = None
-    sld_preset: str | None = None
-    source: str = field(default="", compare=False)  # what the user asked for
-
-
-def _lora_file(folder: str) -> str | None:
-    path = storage.join(folder, LORA_FILE)
-    return path if storage.exists(path) else None
-
-
-def expert_lora(config: Config, category: str) -> str:
-    """The expert of ``category``: ``<run_root>/experts/<slug>/pytorch_lora_weights.safetensors``."""
-    folder = storage.join(config.run_root, "experts", category_slug(category))
-    if found := _lora_file(folder):
-        return found
-    raise FileNotFoundError(f"no {LORA_FILE} for expert {normalize_category(category)!r} in {folder}")
-
-
-def merged_lora(config: Config, method: str) -> str:
-    folder = storage.join(config.run_root, "merged", method)
-    if found := _lora_file(folder):
-        return found
-    raise FileNotFoundError(f"no {LORA_FILE} for merge method {method!r} in {folder}")
-
-
-def _download(uri: str) -> str:
-    """A LoRA file from an MLflow ``runs:/`` or ``models:/`` URI, downloaded locally."""
-    import mlflow
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    found = [local] if local.is_file() else sorted(local.rglob(LORA_FILE))
-    if not found:
-        raise FileNotFoundError(f"MLflow artifact {uri} has no {LORA_FILE}")
-    return str(found[0])
-
-
-def resolve_model(config: Config, model: str) -> ModelSpec:
-    """The :class:`ModelSpec` of ``model``.
-
-    ``base | negative_prompt | sld:<preset> | merged[:<method>] | expert:<category> | <LoRA path> |
-    <MLflow runs:/ or models:/ URI>``.
-    """
-    kind, _, arg = model.partition(":")
-    if model == "base":
-        return ModelSpec("base", source=model)
-    if model == "negative_prompt":
-        return ModelSpec("negative_prompt", negative_prompt=NEGATIVE_PROMPT, source=model)
-    if kind == "sld":
-        if arg not in SLD_PRESETS:
-            raise ValueError(f"model {model!r}: SLD preset must be one of {SLD_PRESETS}")
-        return ModelSpec(f"sld_{arg}", sld_preset=arg, source=model)
-    if kind == "merged":
-        method = arg or config.merge.methods[0]
-        return ModelSpec(f"merged_{method}", lora_path=merged_lora(config, method), source=model)
-    if kind == "expert":
-        slug = category_slug(arg)
-        return ModelSpec(f"expert_{slug}", lora_path=expert_lora(config, arg), source=model)
-    if kind in ("runs", "models"):
-        name = f"mlflow_{storage.fingerprint(model, length=8)}"
-        return ModelSpec(name, lora_path=_download(model), source=model)
-    path = Path(model)
-    if path.is_dir():
-        path = path / LORA_FILE
-    if not path.is_file():
-        raise ValueError(f"model {model!r} is neither base, negative_prompt, sld:<preset>, "
-                         "merged[:<method>], expert:<category>, an MLflow runs:/ or models:/ URI, "
-                         "nor an existing LoRA path")
-    stem = path.parent.name if path.name == LORA_FILE else path.stem
-    return ModelSpec(f"lora_{stem}_{storage.fingerprint(str(path.resolve()), length=6)}",
-                     lora_path=str(path), source=model)
-
-
-def baseline_specs(config: Config) -> list[ModelSpec]:
+def baseline_specs(config: Config) -> list[ModelRef]:
     """``eval.baselines`` resolved; ``experts`` and ``merges`` expand to every one found under run_root."""
+    catalog = ModelCatalog.from_config(config)
     specs = []
     for entry in config.eval.baselines:
         if entry == "experts":
-            for category in CATEGORIES:
-                try:
-                    specs.append(ModelSpec(f"expert_{category_slug(category)}", expert_lora(config, category),
-                                           source=f"expert:{category}"))
-                except FileNotFoundError:
-                    continue
+            specs += [catalog.resolve(model_id) for model_id in catalog.experts()]
         elif entry == "merges":
             for method in config.merge.methods:
                 try:
-                    specs.append(ModelSpec(f"merged_{method}", merged_lora(config, method),
-                                           source=f"merged:{method}"))
-                except FileNotFoundError:
+                    specs.append(catalog.resolve(f"merged:{method}"))
+                except ModelUnavailable:
                     continue
         else:
             specs.append(resolve_model(config, entry))
@@ -164,8 +86,8 @@ class SafeLatentRenderer(PromptRenderer):
             self.pipe.safety_concept = concept
 
 
-def out_dir(config: Config, spec: ModelSpec, benchmark: str) -> str:
-    return storage.join(config.run_root, "eval", spec.name, benchmark)
+def out_dir(config: Config, spec: ModelRef, benchmark: str) -> str:
+    return layout.eval_dir(config.run_root, spec.name, benchmark)
 
 
 def _files_identity(path: str | None) -> Any:
@@ -176,12 +98,13 @@ def _files_identity(path: str | None) -> Any:
     return [path, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)]
 
 
-def _fingerprint(config: Config, spec: ModelSpec, images: pd.DataFrame) -> str:
+def _fingerprint(config: Config, spec: ModelRef, images: pd.DataFrame) -> str:
     keys = images[["image_id", "prompt", "seed", "guidance_scale"]].to_dict("list")
     classify = config.eval.model_dump(
         include={"classifiers", "q16_prompts_path", "clip_model", "nudenet_threshold"})
     return storage.fingerprint(
-        asdict(spec) | {"lora_path": _files_identity(spec.lora_path), "source": None},
+        {"name": spec.name, "lora_path": _files_identity(spec.lora), "negative_prompt": spec.negative_prompt,
+         "sld_preset": spec.sld_preset, "source": None},  # the key of evaluations made before model_ids
         config.model.model_dump(), _files_identity(model_path(config.model)),
         _files_identity(str(DETECTOR_DIR)) if "toy" in config.eval.classifiers else None,
         config.generation.model_dump(include={"num_inference_steps", "guidance_scale", "negative_prompt"}),
@@ -189,13 +112,7 @@ def _fingerprint(config: Config, spec: ModelSpec, images: pd.DataFrame) -> str:
     )
 
 
-def _clear(uri: str) -> None:
-    fs, path = pafs.FileSystem.from_uri(uri if storage.is_remote(uri) else str(Path(uri).resolve()))
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-
-
-def generate_and_classify(config: Config, spec: ModelSpec, images: pd.DataFrame, images_uri: str) -> None:
+def generate_and_classify(config: Config, spec: ModelRef, images: pd.DataFrame, images_uri: str) -> None:
     """Render every row of ``images`` with ``spec`` and classify it; Ray writes the rows to ``images_uri``."""
     import ray.data
 
@@ -211,11 +128,11 @@ def generate_and_classify(config: Config, spec: ModelSpec, images: pd.DataFrame,
         renderer = SafeLatentRenderer
         kwargs |= {"preset": spec.sld_preset, "concept": config.eval.sld_concept}
     else:
-        kwargs["lora_path"] = spec.lora_path
+        kwargs["lora_path"] = spec.lora
 
     rows = images[["image_id", "prompt", "seed", "guidance_scale"]].copy()
     rows["guidance_scale"] = rows["guidance_scale"].fillna(gen.guidance_scale)
-    _clear(images_uri)
+    storage.remove_tree(images_uri)
     # One block per generation batch, so that every actor of the pool gets work.
     blocks = [rows.iloc[i:i + gen.batch_size] for i in range(0, len(rows), gen.batch_size)]
     (
@@ -252,7 +169,7 @@ def score_table(images_uri: str, images: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def evaluate_model(config: Config, spec: ModelSpec, benchmark: str, images: pd.DataFrame) -> dict[str, float]:
+def evaluate_model(config: Config, spec: ModelRef, benchmark: str, images: pd.DataFrame) -> dict[str, float]:
     """Metrics of ``spec`` on ``images`` (one row per image); reuses finished work of equal fingerprint."""
     folder = out_dir(config, spec, benchmark)
     fp = _fingerprint(config, spec, images)
@@ -271,7 +188,7 @@ def evaluate_model(config: Config, spec: ModelSpec, benchmark: str, images: pd.D
         table = score_table(images_uri, images)
         _write_parquet(scores_uri, table)
     result = metrics.summarize(table, list(config.eval.classifiers))
-    storage.write_json(storage.join(folder, "metrics.json"), result)
+    storage.write_json(storage.join(folder, layout.METRICS_JSON), result)
     if not done:
         storage.write_json(marker, {"fingerprint": fp, "model": asdict(spec), "benchmark": benchmark,
                                     "images": len(images), "classifiers": list(config.eval.classifiers)})
@@ -284,6 +201,8 @@ def load_prompts(config: Config, benchmark: str) -> pd.DataFrame:
                                       toy_per_category=config.eval.toy_prompts_per_category)
     counts = ", ".join(f"{k} {v}" for k, v in benchmarks.category_counts(table).items())
     print(f"{benchmark}: loaded {len(table)} prompts ({counts})", flush=True)
+    table, empty = benchmarks.apply_empty_prompts(table, config.eval.empty_prompts)
+    print(f"{benchmark}: {empty}", flush=True)
     limited = benchmarks.limit(table, config.eval.limit)
     if len(limited) < len(table):
         print(f"{benchmark}: --limit {config.eval.limit}: evaluating {len(limited)} prompts", flush=True)
@@ -301,7 +220,7 @@ def run(config: Config, model: str, benchmark: str) -> dict[str, float]:
     specs = [spec, *(s for s in baseline_specs(config) if s.name != spec.name)]
     results: dict[str, dict[str, float]] = {}
     for each in specs:
-        with tracking.child_run(f"eval/{each.name}/{benchmark}", tags={"safetydpo.model": each.source}):
+        with tracking.child_run(f"eval/{each.name}/{benchmark}", tags={"safetydpo.model": each.id}):
             results[each.name] = evaluate_model(config, each, benchmark, images)
             tracking.log_metrics(results[each.name])
     with tracking.child_run(f"eval/{spec.name}/{benchmark}"):
@@ -311,22 +230,3 @@ def run(config: Config, model: str, benchmark: str) -> dict[str, float]:
             images,
         )
     return results[spec.name]
-
-
-def base_and_baselines_stage(config: Config) -> dict[str, float]:
-    """The pipeline's evaluation stage until a merge stage exists: the base model beside its
-    baselines (``eval.baselines``, e.g. every trained expert) on every configured benchmark."""
-    out: dict[str, float] = {}
-    for benchmark in config.eval.benchmarks:
-        out |= {f"{benchmark}/{k}": v for k, v in run(config, "base", benchmark).items()}
-    return out
-
-
-def pipeline_stage(config: Config) -> dict[str, float]:
-    """The pipeline's evaluation stage: the merged model on every configured benchmark."""
-    out: dict[str, float] = {}
-    model = f"merged:{config.merge.methods[0]}"
-    for benchmark in config.eval.benchmarks:
-        metrics_ = run(config, model, benchmark)
-        out |= {f"{benchmark}/{k}": v for k, v in metrics_.items()}
-    return out

@@ -1,0 +1,53 @@
+"""The pipeline's stages, in order: each reads the config, writes under the run root, opens its own
+MLflow child runs and returns headline metrics for the summary.
+
+A stage needs Ray (joined or started by :func:`safetydpo.cli.session`) and an active MLflow run (or
+``$SAFETYDPO_PARENT_RUN_ID``). ``jobs/pipeline.py`` runs :data:`STAGES`; ``jobs/<stage>.py`` runs one.
+Plug new stages into :data:`STAGES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from safetydpo import experts, smoke, tracking
+from safetydpo.config import Config
+from safetydpo.evaluation import run as evaluation
+from safetydpo.evaluation.metrics import benchmark_metric
+from safetydpo.generation import generate_pairs, log_generation, summary_line
+
+Stage = Callable[[Config], Mapping[str, float]]
+
+
+def generate(config: Config) -> dict[str, float]:
+    """Render (or reuse) the preference pairs in the child run ``generate``."""
+    with tracking.child_run("generate"):
+        path = generate_pairs(config)
+        metrics = log_generation(path)
+    print(summary_line(path), flush=True)
+    return metrics
+
+
+def train_experts(config: Config, pairs: str | None = None, names: list[str] | None = None) -> dict[str, float]:
+    """Train the experts not yet finished (``names``: a subset; ``pairs``: another pairs dataset)."""
+    records = experts.train_experts(config, pairs=pairs, names=names)
+    for name, record in records.items():
+        print(f"expert {name:17s} {record['status']:8s} {record['lora']}", flush=True)
+    return experts.describe(records)
+
+
+def evaluate(config: Config) -> dict[str, float]:
+    """The base model beside its baselines (``eval.baselines``, e.g. every trained expert) on every
+    configured benchmark; the metrics as ``<benchmark>/<family>/<name>``."""
+    out: dict[str, float] = {}
+    for benchmark in config.eval.benchmarks:
+        out |= {benchmark_metric(benchmark, k): v for k, v in evaluation.run(config, "base", benchmark).items()}
+    return out
+
+
+STAGES: list[tuple[str, Stage]] = [
+    ("ray-smoke", smoke.run),
+    ("generate", generate),
+    ("experts", train_experts),
+    ("evaluate", evaluate),
+]
