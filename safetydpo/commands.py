@@ -10,14 +10,17 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from typing import get_args
 
 from safetydpo import cli, stages, tracking
 from safetydpo.categories import ALL, normalize_category
+from safetydpo.config import MergeMethod
 from safetydpo.data import DataError
 from safetydpo.data.pairs import build_pairs
 from safetydpo.evaluation import run as evaluation
 from safetydpo.evaluation.benchmarks import BENCHMARKS
 from safetydpo.experts import ExpertError
+from safetydpo.merge.lora_file import MergeError
 
 
 def _log_info() -> None:
@@ -117,4 +120,41 @@ def evaluate(argv: list[str] | None = None) -> int:
         metrics = evaluation.run(config, args.model, args.benchmark)
     print(f"MLflow: {tracking.run_url(parent)}")
     print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+def merge(argv: list[str] | None = None) -> int:
+    """Merge the finished experts with one method (no search) into merged/<method>/."""
+    p = cli.parser(merge.__doc__)
+    p.add_argument("--method", choices=list(get_args(MergeMethod)),
+                   help="the merge method (default: each of merge.methods)")
+    args = p.parse_args(argv)
+    config = cli.load(p, args)
+    if args.method:
+        config.merge.methods = [args.method]
+    with cli.session(config, run_name=f"{config.name}-merge"):
+        try:
+            stages.merge_stage(config)
+        except MergeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def tune_merge(argv: list[str] | None = None) -> int:
+    """Search the merge's settings with Ray Tune on the validation split; register the champion."""
+    p = cli.parser(tune_merge.__doc__)
+    p.add_argument("--num-samples", type=int, help="trials (sets tune.num_samples)")
+    args = p.parse_args(argv)
+    if args.num_samples is not None:
+        args.overrides.append(f"tune.num_samples={args.num_samples}")
+    config = cli.load(p, args)
+    with cli.session(config, run_name=f"{config.name}-merge-search") as parent:
+        try:
+            summary = stages.search_stage(config)
+        except MergeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    print(f"MLflow: {tracking.run_url(parent)}")
+    print("  ".join(f"{k}={v:.4g}" for k, v in summary.items()))
     return 0

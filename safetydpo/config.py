@@ -140,22 +140,45 @@ class ExpertsConfig(Section):
         return DPOConfig(**(dpo.model_dump() | self.dpo_overrides.get(expert, {})))
 
 
-class MergeConfig(Section):
-    """Merging experts into one safety LoRA."""
+MergeMethod = Literal["comerge", "average", "sum", "ties", "dare_linear", "dare_ties", "regmean"]
 
-    methods: list[Literal["comerge", "average"]] = ["comerge", "average"]
-    calibration_prompts_per_category: int = Field(8, ge=1)
-    calibration_timesteps: int = Field(4, ge=1)
+
+class MergeConfig(Section):
+    """Merging the experts into one safety LoRA (``safetydpo/merge``); the defaults of one merge."""
+
+    methods: list[MergeMethod] = ["comerge", "average"]  # jobs/merge.py writes each to merged/<method>/
+    granularity: Literal["weight", "row"] = "weight"  # Co-Merge: one expert per weight or per output unit
+    input_source: Literal["base", "own"] = "base"  # Co-Merge: layer inputs measured on the base or each expert
+    scale: float = Field(1.0, gt=0.0)  # lambda: multiplies the merged weight change
+    density: float = Field(0.5, gt=0.0, le=1.0)  # TIES / DARE: fraction of each expert's entries kept
+    preserve: float = Field(1.0, ge=0.0)  # RegMean: weight of benign inputs (pulls the change to zero there)
+    weights: dict[str, float] = {}  # per expert (category name or "all"); missing ones weigh 1
+    rank: int | None = Field(None, ge=1)  # SVD rank of element-wise merges; None: the experts' total rank
+    svd_error_warn: float = Field(0.05, ge=0.0)  # warn when a layer's relative Frobenius error exceeds it
+    calibration_prompts_per_category: int = Field(8, ge=1)  # validation pairs whose inputs Co-Merge measures
+    calibration_timesteps: int = Field(4, ge=1)  # noise levels per calibration input
+    seed: int = 0  # DARE's drops and the calibration's timesteps and noise
 
 
 class TuneConfig(Section):
-    """Ray Tune search over merge weights."""
+    """The Ray Tune search over the merge's settings, judged on the validation split (never the test split)."""
 
-    num_samples: int = Field(8, ge=1)
-    search: Literal["optuna", "random"] = "optuna"
-    metric: str = "ip/overall"
-    mode: Literal["min", "max"] = "min"
-    max_concurrent: int = Field(2, ge=1)
+    num_samples: int = Field(16, ge=1)  # trials
+    search: Literal["optuna", "random"] = "optuna"  # optuna: multi-objective TPE on (IP, quality)
+    max_concurrent: int = Field(1, ge=1)  # trials at once (each renders with the full pipeline)
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    methods: list[MergeMethod] = ["comerge", "average", "sum", "ties", "dare_ties"]
+    granularities: list[Literal["weight", "row"]] = ["weight", "row"]
+    input_sources: list[Literal["base", "own"]] = ["base"]
+    scale: tuple[float, float] = (0.5, 2.0)  # lambda's range (log-uniform)
+    expert_weight: tuple[float, float] | None = (0.5, 1.5)  # each expert's weight range; None: all 1
+    density: tuple[float, float] = (0.2, 0.9)
+    preserve: tuple[float, float] = (0.1, 10.0)  # RegMean's benign weight (log-uniform)
+    validation_prompts_per_category: int = Field(16, ge=1)  # toy: validation pairs drawn per category
+    quality_metric: str = "quality/benign_fidelity"  # SD: quality/clip_score
+    quality_tolerance: float = Field(0.05, ge=0.0)  # champion: lowest IP whose quality drop stays within this
+    seed: int = 0
 
 
 class EvalConfig(Section):

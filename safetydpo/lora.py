@@ -62,4 +62,3 @@ def save_lora(unet: UNet2DConditionModel, directory: str,
         )
         storage.write_bytes(target, (Path(tmp) / layout.LORA_WEIGHTS).read_bytes())
     return target
-WEIGHTS_NAME = layout.LORA_WEIGHTS  # TEMP alias while safetydpo/merge moves to layout

@@ -11,6 +11,7 @@ id                              what it is                                   ``e
 ``sld:<medium|strong|max>``     base through Safe Latent Diffusion           ``sld_<preset>``
 ``expert:<category|all>``       ``experts/<slug>/`` of the run root          ``expert_<slug>``
 ``merged:<method>``             ``merged/<method>/`` of the run root         ``merged_<method>``
+``champion``                    the merge search's winner: registry alias, else ``merged/champion/``  ``champion``
 ``merged``                      the deployed safety LoRA (see :meth:`ModelCatalog.merged`)  as its source
 ``mlflow:<name>/<version|alias>``, ``models:/...``, ``runs:/...``  an MLflow LoRA  ``mlflow_<hash>``
 a LoRA file or folder           that file                                    ``lora_<stem>_<hash>``
@@ -32,6 +33,7 @@ from safetydpo.categories import ALL, CATEGORIES, category_slug, normalize_categ
 from safetydpo.config import Config
 
 BASE = "base"
+CHAMPION = "champion"  # the merge search's winner: merged/champion/ and the registry alias
 MERGED = "merged"
 NEGATIVE_PROMPT = "negative_prompt"
 NEGATIVE_PROMPT_TEXT = ", ".join(CATEGORIES)  # the negative-prompt baseline: the 7 category names
@@ -105,19 +107,35 @@ class ModelCatalog:
     lora_path: str | None = None  # serve.lora_path
     mlflow_model: str | None = None  # serve.mlflow_model: NAME@ALIAS or NAME/VERSION
     tracking_uri: str | None = None
+    registered_model: str | None = None  # tracking.registered_model: where the search registers its champion
 
     @classmethod
     def from_config(cls, config: Config) -> ModelCatalog:
         return cls(config.run_root, tuple(config.merge.methods), config.serve.lora_path,
-                   config.serve.mlflow_model, config.tracking.tracking_uri)
+                   config.serve.mlflow_model, config.tracking.tracking_uri, config.tracking.registered_model)
+
+    def champion(self) -> str | None:
+        """``models:/<registered_model>@champion`` when the registry has it, else ``merged/champion/``'s LoRA
+        when the search wrote one; None before any search."""
+        if self.registered_model:
+            uri = registry_uri(f"{self.registered_model}@{CHAMPION}")
+            try:
+                self.check_registered(uri)
+                return uri
+            except ModelUnavailable:
+                pass
+        path = layout.lora_file(layout.merged_dir(self.run_root, CHAMPION))
+        return path if storage.exists(path) else None
 
     def merged(self) -> str | None:
-        """The deployed safety LoRA: ``serve.mlflow_model``, else ``serve.lora_path``, else the first of
-        ``merge.methods`` merged under the run root; None when there is none yet."""
+        """The deployed safety LoRA: ``serve.mlflow_model``, else ``serve.lora_path``, else the search's
+        champion, else the first of ``merge.methods`` merged under the run root; None when there is none yet."""
         if self.mlflow_model:
             return registry_uri(self.mlflow_model)
         if self.lora_path:
             return layout.lora_file(self.lora_path)
+        if champion := self.champion():
+            return champion
         for method in self.merge_methods:
             candidate = layout.lora_file(layout.merged_dir(self.run_root, method))
             if storage.exists(candidate):
@@ -161,6 +179,12 @@ class ModelCatalog:
                 raise ModelUnavailable(f"no trained expert {what} under {self.run_root} (no {path}): "
                                        "run the experts stage (jobs/train_experts.py)")
             return ModelRef(model_id, f"expert_{slug}", lora=path)
+        if model == CHAMPION:
+            source = self.champion()
+            if source is None:
+                raise ModelUnavailable(f"no champion merge yet under {self.run_root} or in the registry: run the "
+                                       "merge search (jobs/tune_merge.py or jobs/pipeline.py)")
+            return ModelRef(CHAMPION, CHAMPION, lora=source)
         if kind == MERGED and arg:
             path = layout.lora_file(layout.merged_dir(self.run_root, arg))
             if not storage.exists(path):
@@ -186,7 +210,13 @@ class ModelCatalog:
         return ModelRef(model, self._source_name(str(path)), lora=str(path))
 
     def _source_name(self, source: str) -> str:
-        """The ``eval/`` folder of a LoRA source: ``merged_<method>``, ``mlflow_<hash>`` or ``lora_<stem>_<hash>``."""
+        """The ``eval/`` folder of a LoRA source: ``champion``, ``merged_<method>``, ``mlflow_<hash>`` or
+        ``lora_<stem>_<hash>``."""
+        champions = {layout.lora_file(layout.merged_dir(self.run_root, CHAMPION))}
+        if self.registered_model:
+            champions.add(registry_uri(f"{self.registered_model}@{CHAMPION}"))
+        if source in champions:
+            return CHAMPION
         if _is_registry(source):
             return "mlflow_" + storage.fingerprint(source, length=8)
         for method in self.merge_methods:

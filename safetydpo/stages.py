@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from safetydpo import experts, smoke, tracking
+from safetydpo import experts, layout, smoke, storage, tracking
 from safetydpo.config import Config
 from safetydpo.evaluation import run as evaluation
 from safetydpo.evaluation.metrics import benchmark_metric
 from safetydpo.generation import generate_pairs, log_generation, summary_line
+from safetydpo.merge.stage import merge_stage, search_stage
+from safetydpo.model_ids import CHAMPION
 
 Stage = Callable[[Config], Mapping[str, float]]
 
@@ -37,11 +39,15 @@ def train_experts(config: Config, pairs: str | None = None, names: list[str] | N
 
 
 def evaluate(config: Config) -> dict[str, float]:
-    """The base model beside its baselines (``eval.baselines``, e.g. every trained expert) on every
-    configured benchmark; the metrics as ``<benchmark>/<family>/<name>``."""
+    """The base model beside its baselines (``eval.baselines``: every trained expert, the champion and the
+    other merges...) on every configured benchmark. Returns the base's and the champion's metrics as
+    ``<benchmark>/<family>/<name>`` and ``champion/<benchmark>/<family>/<name>``."""
     out: dict[str, float] = {}
     for benchmark in config.eval.benchmarks:
         out |= {benchmark_metric(benchmark, k): v for k, v in evaluation.run(config, "base", benchmark).items()}
+        champion = storage.join(layout.eval_dir(config.run_root, CHAMPION, benchmark), layout.METRICS_JSON)
+        if storage.exists(champion):
+            out |= {f"{CHAMPION}/{benchmark_metric(benchmark, k)}": v for k, v in storage.read_json(champion).items()}
     return out
 
 
@@ -49,5 +55,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("ray-smoke", smoke.run),
     ("generate", generate),
     ("experts", train_experts),
+    ("merge", merge_stage),
+    ("merge-search", search_stage),
     ("evaluate", evaluate),
 ]

@@ -185,3 +185,19 @@ def log_figure(figure: Any, artifact_file: str) -> None:
 def log_image(image: Any, artifact_file: str) -> None:
     """A PIL image or HxWxC array as an artifact, e.g. ``samples/hate_0.png``."""
     mlflow.log_image(image, artifact_file=artifact_file)
+
+
+def register_lora(run_id: str, artifact_path: str, name: str, alias: str, tags: Mapping[str, str]) -> str:
+    """Register the LoRA folder logged as ``artifact_path`` of run ``run_id`` as a new version of model
+    ``name`` (created if new), point ``alias`` at it and tag it with its lineage; returns the version.
+
+    A version is created from the artifact location (MLflow 3's ``register_model`` of a ``runs:/`` URI
+    looks for a logged model, and a LoRA folder is plain artifacts).
+    """
+    client = mlflow.MlflowClient()
+    with contextlib.suppress(MlflowException):  # exists already
+        client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id, tags=dict(tags))
+    client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)

@@ -214,18 +214,26 @@ def load_coco(path: str | Path, seed: int = 0) -> pd.DataFrame:
 TOY_UNSAFE, TOY_SAFE = "-unsafe", "-safe"  # toy prompt ids: <pair_id><suffix>
 
 
-def load_toy(per_category: int, seed: int = 0) -> pd.DataFrame:
-    """The toy world's test split: each pair's unsafe prompt and its safe twin (``benign``), one seed.
+def load_toy(per_category: int, seed: int = 0, split: str = "test") -> pd.DataFrame:
+    """The toy world's ``split`` (the test split for evaluation, the validation split for the merge
+    search): each pair's unsafe prompt and its safe twin (``benign``), one seed.
 
     One run then gives IP (unsafe rows) and benign fidelity (safe rows) on the same scenes.
     """
-    pairs = make_pairs("test", per_category, seed)
-    settings = _defaults([p.seed for p in pairs])
-    unsafe = _table([p.pair_id + TOY_UNSAFE for p in pairs], [p.unsafe_prompt for p in pairs],
-                    [[p.category] for p in pairs], settings)
-    safe = _table([p.pair_id + TOY_SAFE for p in pairs], [p.safe_prompt for p in pairs],
-                  [[] for _ in pairs], settings, category=[BENIGN] * len(pairs))
-    return pd.concat([unsafe, safe], ignore_index=True)
+    pairs = make_pairs(split, per_category, seed)
+    return pair_prompts([p.pair_id for p in pairs], [p.unsafe_prompt for p in pairs], [p.safe_prompt for p in pairs],
+                        [p.category for p in pairs], [p.seed for p in pairs])
+
+
+def pair_prompts(pair_ids: Sequence[str], unsafe: Sequence[str], safe: Sequence[str], categories: Sequence[str],
+                 seeds: Sequence[int]) -> pd.DataFrame:
+    """Prompt pairs as a prompts table: each unsafe prompt (its category) and its safe twin (``benign``),
+    the twin's id the unsafe one's with :data:`TOY_SAFE` for :data:`TOY_UNSAFE`."""
+    settings = _defaults(list(seeds))
+    head = _table([f"{i}{TOY_UNSAFE}" for i in pair_ids], unsafe, [[c] for c in categories], settings)
+    twins = _table([f"{i}{TOY_SAFE}" for i in pair_ids], safe, [[] for _ in pair_ids], settings,
+                   category=[BENIGN] * len(pair_ids))
+    return pd.concat([head, twins], ignore_index=True)
 
 
 _FILE_LOADERS: dict[str, Callable[..., pd.DataFrame]] = {

@@ -31,7 +31,7 @@ from safetydpo.config import Config, GenerationConfig, ModelConfig
 from safetydpo.evaluation import benchmarks, metrics, report
 from safetydpo.evaluation.classifiers import BatchClassifier
 from safetydpo.evaluation.report import read_images
-from safetydpo.model_ids import ModelCatalog, ModelRef, ModelUnavailable
+from safetydpo.model_ids import CHAMPION, ModelCatalog, ModelRef, ModelUnavailable
 from safetydpo.pipelines import model_path
 from safetydpo.rendering import PromptRenderer
 from safetydpo.toyworld.models import DETECTOR_DIR
@@ -48,16 +48,20 @@ def resolve_model(config: Config, model: str) -> ModelRef:
 
 
 def baseline_specs(config: Config) -> list[ModelRef]:
-    """``eval.baselines`` resolved; ``experts`` and ``merges`` expand to every one found under run_root."""
+    """``eval.baselines`` resolved; ``experts`` and ``merges`` expand to every one found under run_root
+    (``merges``: the search's champion, each searched method's best trial, then ``merge.methods``)."""
     catalog = ModelCatalog.from_config(config)
     specs = []
     for entry in config.eval.baselines:
         if entry == "experts":
             specs += [catalog.resolve(model_id) for model_id in catalog.experts()]
         elif entry == "merges":
-            for method in config.merge.methods:
+            found = set(storage.list_dirs(layout.merged_dir(config.run_root)))
+            folders = [f for f in sorted(found) if f.startswith("best_")] + list(config.merge.methods)
+            ids = ([CHAMPION] if CHAMPION in found else []) + [f"merged:{f}" for f in folders]
+            for model_id in ids:
                 try:
-                    specs.append(catalog.resolve(f"merged:{method}"))
+                    specs.append(catalog.resolve(model_id))
                 except ModelUnavailable:
                     continue
         else:

@@ -1,0 +1,135 @@
+"""The merge stages: ``merge`` (the configured methods, no search) and ``merge-search`` (Ray Tune, champion).
+
+Under the run root::
+
+    merged/<method>/              each of merge.methods with merge's settings (LoRA + merge.json)
+    merged/search/<trial>/        every trial's merge; merged/search/_ray/ the Tune run
+    merged/search/trials.csv      one row per trial: settings, validation metrics, Pareto membership
+    merged/search/pareto.png      IP vs quality, one point per trial, methods coloured, champion marked
+    merged/best_<method>/         each searched method's best trial (its ablation row)
+    merged/champion/              the champion (LoRA + merge.json with its validation metrics)
+
+The champion is registered in MLflow as a version of ``tracking.registered_model`` with alias ``champion``
+and lineage tags. A finished search (``merged/champion/merge.json`` with the current fingerprint) is skipped.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import mlflow
+import pandas as pd
+from matplotlib.figure import Figure
+
+from safetydpo import layout, storage, tracking
+from safetydpo.config import Config
+from safetydpo.experts.spec import expert_slug
+from safetydpo.generation import pairs_location
+from safetydpo.merge.build import MergeSettings, build_merge, finished_experts
+from safetydpo.merge.search import CHAMPION, IP, QUALITY, choose_champion, finite, pareto_front, run_search
+
+
+def merge_stage(config: Config) -> dict[str, float]:
+    """Write each of ``merge.methods`` with ``merge``'s settings to ``merged/<method>/`` (child run ``merge``)."""
+    out: dict[str, float] = {}
+    with tracking.child_run("merge"):
+        for method in config.merge.methods:
+            record = build_merge(config, MergeSettings.from_config(config.merge, method),
+                                 layout.merged_dir(config.run_root, method))
+            verb = "reused" if record["reused"] else f"merged in {record['seconds']:.1f} s"
+            print(f"merge {method:9s} {verb}: {record['lora']} (SVD error <= {record['svd_error_max']:.3f})",
+                  flush=True)
+            out |= {f"merge/{method}/seconds": record["seconds"],
+                    f"merge/{method}/svd_error_max": record["svd_error_max"]}
+        tracking.log_metrics(out)
+    return out
+
+
+def search_fingerprint(config: Config) -> str:
+    """What the search's outcome depends on: the experts, the search and merge settings, the model, the data."""
+    trained = {n: storage.read_json(storage.join(f, layout.EXPERT_JSON))["fingerprint"]
+               for n, f in finished_experts(config).items()}
+    return storage.fingerprint(trained, config.tune.model_dump(mode="json"), config.merge.model_dump(mode="json"),
+                               config.generation.model_dump(mode="json"), config.eval.classifiers, config.data.seed)
+
+
+def _pareto_plot(frame: pd.DataFrame, champion: pd.Series | None, quality: str) -> Figure:
+    figure = Figure(figsize=(6, 4.5))
+    axes = figure.subplots()
+    for method, rows in frame.groupby("config/method"):
+        axes.scatter(rows[IP], rows[QUALITY], label=method, alpha=0.8)
+    front = frame[frame["pareto"]].sort_values(IP)
+    axes.plot(front[IP], front[QUALITY], color="gray", linewidth=1, label="Pareto front")
+    if champion is not None:
+        axes.scatter([champion[IP]], [champion[QUALITY]], s=220, facecolors="none", edgecolors="black",
+                     linewidths=2, label="champion")
+    axes.set_xlabel("overall IP on the validation split (lower is safer)")
+    axes.set_ylabel(quality)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def _publish(config: Config, row: pd.Series, folder: str, fingerprint: str) -> dict[str, Any]:
+    """Copy a trial's merge to ``folder`` with its settings and validation metrics in ``merge.json``."""
+    trial = storage.read_json(storage.join(row["folder"], layout.MERGE_JSON))
+    storage.write_bytes(layout.lora_file(folder), storage.read_bytes(layout.lora_file(row["folder"])))
+    record = trial | {"fingerprint": fingerprint, "trial_id": row["trial_id"], "lora": layout.lora_file(folder),
+                      "validation": finite({k: v for k, v in row.items() if "/" in k and not k.startswith("config/")})}
+    storage.write_json(storage.join(folder, layout.MERGE_JSON), record)
+    return record
+
+
+def _register(config: Config, run_id: str, record: dict[str, Any]) -> str:
+    """Log the champion's folder to the stage's run and register it with alias ``champion``; the version."""
+    folder = layout.merged_dir(config.run_root, CHAMPION)
+    mlflow.log_artifact(layout.lora_file(folder), CHAMPION)
+    mlflow.log_artifact(storage.join(folder, layout.MERGE_JSON), CHAMPION)
+    parent = mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId", "")
+    experts = {n: (r.info.run_id if (r := tracking.find_child_run(parent, f"expert/{expert_slug(n)}")) else "")
+               for n in record["experts"]} if parent else {}
+    pairs = pairs_location(config).rstrip("/").rsplit("/", 1)[-1]
+    tags = {"safetydpo.method": record["settings"]["method"], "safetydpo.trial": record["trial_id"],
+            "safetydpo.settings": str(record["settings"]), "safetydpo.pairs_fingerprint": pairs,
+            **{f"safetydpo.expert_run.{expert_slug(n)}": rid for n, rid in experts.items()}}
+    return tracking.register_lora(run_id, CHAMPION, config.tracking.registered_model, CHAMPION, tags)
+
+
+def search_stage(config: Config) -> dict[str, float]:
+    """Search, publish the champion and each method's best trial, register the champion (child run ``merge-search``)."""
+    champion_dir = layout.merged_dir(config.run_root, CHAMPION)
+    search_dir = layout.merged_dir(config.run_root, layout.SEARCH_DIR)
+    fp = search_fingerprint(config)
+    record_path = storage.join(champion_dir, layout.MERGE_JSON)
+    with tracking.child_run("merge-search") as run:
+        if storage.exists(record_path) and (done := storage.read_json(record_path)).get("fingerprint") == fp:
+            print(f"merge search: up to date, champion {done['settings']['method']} ({champion_dir})", flush=True)
+            return finite({f"champion/validation/{k}": v for k, v in done["validation"].items()})
+        frame, base_quality = run_search(config, run.info.run_id)
+        frame["pareto"] = pareto_front(frame)
+        champion = choose_champion(frame, base_quality, config.tune.quality_tolerance)
+        frame["champion"] = frame["trial_id"] == (champion["trial_id"] if champion is not None else None)
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False)
+        storage.write_text(storage.join(search_dir, "trials.csv"), buffer.getvalue())
+        tracking.log_figure(_pareto_plot(frame, champion, config.tune.quality_metric), "search/pareto.png")
+        mlflow.log_text(buffer.getvalue(), "search/trials.csv")
+        for method, rows in frame.groupby("config/method"):
+            best = choose_champion(rows, base_quality, config.tune.quality_tolerance)
+            if best is not None:
+                _publish(config, best, layout.merged_dir(config.run_root, f"best_{method}"), fp)
+        if champion is None:
+            raise RuntimeError(f"merge search: no trial kept {config.tune.quality_metric} within "
+                               f"{config.tune.quality_tolerance} of the base ({base_quality:.3f}); see {search_dir}")
+        record = _publish(config, champion, champion_dir, fp)
+        version = _register(config, run.info.run_id, record)
+        summary = {"champion/version": float(version), "search/trials": float(len(frame)),
+                   **{f"champion/validation/{k}": v for k, v in record["validation"].items()}}
+        tracking.log_metrics(summary)
+        mlflow.set_tags({"safetydpo.champion_method": record["settings"]["method"],
+                         "safetydpo.champion_trial": record["trial_id"]})
+    print(f"merge search: {len(frame)} trials, champion {record['settings']['method']} (trial {record['trial_id']}, "
+          f"validation IP {champion[IP]:.3f}, {config.tune.quality_metric} {champion[QUALITY]:.3f} vs base "
+          f"{base_quality:.3f}), registered {config.tracking.registered_model} v{version} @{CHAMPION}", flush=True)
+    return summary
