@@ -259,3 +259,29 @@ def test_unreadable_expert_files_are_refused_naming_the_expert(tmp_path):
         with pytest.raises(MergeError, match=f"expert '{name}'"):
             load_expert(name, str(tmp_path / name))
     assert not (tmp_path / "missing").exists()
+
+
+def test_regmean_is_the_least_squares_merge_on_the_layer_inputs() -> None:
+    """One expert, no benign term, full-rank inputs: RegMean returns its delta. Two experts on disjoint input
+    channels: each keeps its own effect on its inputs. A dominant benign term pulls the change to zero."""
+    from safetydpo.merge.regmean import regmean
+
+    one = {"a": _expert("a", 1)}
+    full = {layer: torch.eye(i) for layer, (_, i) in SHAPES.items()}
+    zero = {layer: torch.zeros(i, i) for layer, (_, i) in SHAPES.items()}
+    alone = regmean(one, {"a": full}, zero, beta=0.0, ridge=0.0)
+    for layer in SHAPES:
+        assert torch.allclose(_dense(alone, layer), one["a"].layers[layer].delta(), atol=1e-4)
+
+    two = {"a": _expert("a", 1), "b": _expert("b", 2)}
+    mask = {layer: torch.arange(i) < i // 2 for layer, (_, i) in SHAPES.items()}
+    grams = {"a": {layer: torch.diag(mask[layer].float()) for layer in SHAPES},
+             "b": {layer: torch.diag((~mask[layer]).float()) for layer in SHAPES}}
+    merged = regmean(two, grams, zero, beta=0.0, ridge=0.0)
+    for layer in SHAPES:
+        got = _dense(merged, layer)
+        assert torch.allclose(got[:, mask[layer]], two["a"].layers[layer].delta()[:, mask[layer]], atol=1e-4)
+        assert torch.allclose(got[:, ~mask[layer]], two["b"].layers[layer].delta()[:, ~mask[layer]], atol=1e-4)
+
+    quiet = regmean(one, {"a": full}, full, beta=1e6)
+    assert all(_dense(quiet, layer).abs().max() < 1e-4 for layer in SHAPES)
