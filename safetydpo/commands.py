@@ -142,7 +142,8 @@ def merge(argv: list[str] | None = None) -> int:
 
 
 def tune_merge(argv: list[str] | None = None) -> int:
-    """Search the merge's settings with Ray Tune on the validation split; register the champion."""
+    """Search the merge's settings with Ray Tune on the validation split, refine the champion by distillation
+    (distill.steps), register the champion."""
     p = cli.parser(tune_merge.__doc__)
     p.add_argument("--num-samples", type=int, help="trials (sets tune.num_samples)")
     args = p.parse_args(argv)
@@ -151,7 +152,7 @@ def tune_merge(argv: list[str] | None = None) -> int:
     config = cli.load(p, args)
     with cli.session(config, run_name=f"{config.name}-merge-search") as parent:
         try:
-            summary = stages.search_stage(config)
+            summary = stages.search_stage(config) | stages.distill_stage(config)
         except MergeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -160,6 +160,15 @@ class MergeConfig(Section):
     seed: int = 0  # DARE's drops and the calibration's timesteps and noise
 
 
+class DistillConfig(Section):
+    """Refining the search's champion by distillation from the experts (``safetydpo/merge/distill.py``)."""
+
+    steps: int = Field(0, ge=0)  # 0: no refinement
+    learning_rate: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
 class TuneConfig(Section):
     """The Ray Tune search over the merge's settings, judged on the validation split (never the test split)."""
 
@@ -251,6 +260,7 @@ class Config(Section):
     experts: ExpertsConfig = ExpertsConfig()
     merge: MergeConfig = MergeConfig()
     tune: TuneConfig = TuneConfig()
+    distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -15,7 +15,7 @@ from safetydpo.config import Config
 from safetydpo.evaluation import run as evaluation
 from safetydpo.evaluation.metrics import benchmark_metric
 from safetydpo.generation import generate_pairs, log_generation, summary_line
-from safetydpo.merge.stage import merge_stage, search_stage
+from safetydpo.merge.stage import distill_stage, merge_stage, search_stage
 from safetydpo.model_ids import CHAMPION
 
 Stage = Callable[[Config], Mapping[str, float]]
@@ -57,5 +57,6 @@ STAGES: list[tuple[str, Stage]] = [
     ("experts", train_experts),
     ("merge", merge_stage),
     ("merge-search", search_stage),
+    ("merge-distill", distill_stage),
     ("evaluate", evaluate),
 ]

@@ -20,7 +20,7 @@ from safetydpo.config import Config, build_config
 from safetydpo.generation import generate_pairs
 from safetydpo.merge.lora_file import MergeError
 from safetydpo.merge.search import IP, QUALITY, choose_champion, pareto_front
-from safetydpo.merge.stage import merge_stage, search_stage
+from safetydpo.merge.stage import distill_stage, merge_stage, search_stage
 from safetydpo.model_ids import CHAMPION, ModelCatalog
 
 
@@ -34,6 +34,7 @@ def small_config(root: Path, tmp: Path) -> Config:
         "experts": {"categories": ["Hate", "Violence"]},
         "merge": {"methods": ["comerge", "average"], "calibration_prompts_per_category": 1,
                   "calibration_timesteps": 2},
+        "distill": {"steps": 2, "batch_size": 4},
         "tune": {"num_samples": 3, "methods": ["comerge", "average", "ties"], "input_sources": ["base", "own"],
                  "validation_prompts_per_category": 1, "quality_tolerance": 1.0},
     })
@@ -106,6 +107,27 @@ def test_search_publishes_registers_and_is_skipped_when_done(trained: Config, ca
     with tracking.pipeline_run(trained):
         search_stage(trained)
     assert "merge search: up to date" in capsys.readouterr().out
+
+
+def test_distillation_refines_the_champion_and_is_skipped_when_done(trained: Config, capsys) -> None:
+    """Runs after the search (same run root): the champion distilled from the experts, promoted only if better."""
+    champion_dir = layout.merged_dir(trained.run_root, CHAMPION)
+    before = storage.read_json(storage.join(champion_dir, layout.MERGE_JSON))
+    with tracking.pipeline_run(trained):
+        summary = distill_stage(trained)
+    record = storage.read_json(storage.join(layout.merged_dir(trained.run_root, "distilled"), layout.MERGE_JSON))
+    assert record["settings"]["method"] == "distill" and record["init"]["trial_id"] == before["trial_id"]
+    assert summary["distill/promoted"] == float(record["promoted"])
+    after = storage.read_json(storage.join(champion_dir, layout.MERGE_JSON))
+    if record["promoted"]:  # the champion's folder and the registry alias moved to the distilled LoRA
+        assert after["validation"] == record["validation"] and summary["champion/version"] == 2
+        assert Path(layout.lora_file(champion_dir)).read_bytes() == Path(record["lora"]).read_bytes()
+    else:
+        assert after == before
+    capsys.readouterr()
+    with tracking.pipeline_run(trained):
+        distill_stage(trained)
+    assert "merge distill: up to date" in capsys.readouterr().out
 
 
 def test_pareto_front_and_champion_choice() -> None:

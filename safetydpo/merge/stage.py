@@ -8,6 +8,8 @@ Under the run root::
     merged/search/pareto.png      IP vs quality, one point per trial, methods coloured, champion marked
     merged/best_<method>/         each searched method's best trial (its ablation row)
     merged/champion/              the champion (LoRA + merge.json with its validation metrics)
+    merged/distilled/             the search's champion refined by distillation from the experts; it
+                                  replaces the champion when it is better on the validation split
 
 The champion is registered in MLflow as a version of ``tracking.registered_model`` with alias ``champion``
 and lineage tags. A finished search (``merged/champion/merge.json`` with the current fingerprint) is skipped.
@@ -16,6 +18,7 @@ and lineage tags. A finished search (``merged/champion/merge.json`` with the cur
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import mlflow
@@ -24,10 +27,16 @@ from matplotlib.figure import Figure
 
 from safetydpo import layout, storage, tracking
 from safetydpo.config import Config
+from safetydpo.evaluation import inline
+from safetydpo.evaluation.metrics import IP_OVERALL
 from safetydpo.experts.spec import expert_slug
 from safetydpo.generation import pairs_location
 from safetydpo.merge.build import MergeSettings, build_merge, finished_experts
+from safetydpo.merge.distill import distill
+from safetydpo.merge.lora_file import LoraFactors, MergedLora, MergeError, load_expert, save_merged
 from safetydpo.merge.search import CHAMPION, IP, QUALITY, choose_champion, finite, pareto_front, run_search
+
+DISTILLED = "distilled"  # merged/distilled/: the champion refined by distillation
 
 
 def merge_stage(config: Config) -> dict[str, float]:
@@ -132,4 +141,65 @@ def search_stage(config: Config) -> dict[str, float]:
     print(f"merge search: {len(frame)} trials, champion {record['settings']['method']} (trial {record['trial_id']}, "
           f"validation IP {champion[IP]:.3f}, {config.tune.quality_metric} {champion[QUALITY]:.3f} vs base "
           f"{base_quality:.3f}), registered {config.tracking.registered_model} v{version} @{CHAMPION}", flush=True)
+    return summary
+
+
+def _as_merged(path: str) -> MergedLora:
+    """A LoRA file as a merge result (each layer's scale folded into B)."""
+    lora = load_expert("champion", path)
+    return MergedLora({k: LoraFactors(f.A, f.scale * f.B) for k, f in lora.layers.items()})
+
+
+def distill_stage(config: Config) -> dict[str, float]:
+    """Refine the search's champion by distillation from the experts into ``merged/distilled/``; it becomes the
+    champion (``merged/champion/`` and a new registry version) when it lowers the validation IP within the
+    quality tolerance (child run ``merge-distill``). Nothing to do with ``distill.steps: 0``."""
+    if config.distill.steps == 0:
+        return {}
+    champion_dir = layout.merged_dir(config.run_root, CHAMPION)
+    folder = layout.merged_dir(config.run_root, DISTILLED)
+    if not storage.exists(storage.join(champion_dir, layout.MERGE_JSON)):
+        raise MergeError(f"nothing to distill: no {champion_dir}; run the merge search (jobs/tune_merge.py)")
+    champion = storage.read_json(storage.join(champion_dir, layout.MERGE_JSON))
+    init = champion.get("distilled", {}).get("init", champion)  # a promoted distillation keeps its initial merge
+    fp = storage.fingerprint(init["fingerprint"], init["trial_id"], config.distill.model_dump(mode="json"))
+    record_path = storage.join(folder, layout.MERGE_JSON)
+    with tracking.child_run("merge-distill"):
+        if storage.exists(record_path) and (done := storage.read_json(record_path)).get("fingerprint") == fp:
+            print(f"merge distill: up to date ({folder})", flush=True)
+            return finite({f"distilled/validation/{k}": v for k, v in done["validation"].items()})
+        start = time.perf_counter()
+        experts = list(finished_experts(config))
+        init_lora = layout.lora_file(champion_dir) if "distilled" not in champion else init["lora_copy"]
+        d = config.distill
+        merged = distill(config, experts, _as_merged(init_lora), steps=d.steps, lr=d.learning_rate,
+                         batch_size=d.batch_size, seed=d.seed)
+        seconds = time.perf_counter() - start
+        table = inline.validation_prompts(config)
+        lora = save_merged(merged, folder, {"settings": {"method": "distill", **d.model_dump()}, "experts": experts})
+        validation, base = inline.score(config, table, lora), inline.score(config, table, None)
+        quality, tolerance = config.tune.quality_metric, config.tune.quality_tolerance
+        better = (validation[IP_OVERALL] < init["validation"][IP_OVERALL]
+                  and validation[quality] >= base[quality] - tolerance)
+        init_copy = storage.join(folder, "init", layout.LORA_WEIGHTS)
+        storage.write_bytes(init_copy, storage.read_bytes(init_lora))
+        record = {"fingerprint": fp, "settings": {"method": "distill", **d.model_dump()}, "experts": experts,
+                  "seconds": seconds, "lora": lora, "validation": finite(validation),
+                  "init": init | {"lora_copy": init_copy}, "promoted": better, "svd_error_max": 0.0,
+                  "trial_id": f"distill-{init['trial_id']}"}
+        storage.write_json(record_path, record)
+        summary = {"distill/seconds": seconds, "distill/promoted": float(better),
+                   **{f"distilled/validation/{k}": v for k, v in record["validation"].items()}}
+        if better:
+            storage.write_bytes(layout.lora_file(champion_dir), storage.read_bytes(lora))
+            storage.write_json(storage.join(champion_dir, layout.MERGE_JSON),
+                               champion | {"distilled": record, "validation": record["validation"]})
+            run_id = mlflow.active_run().info.run_id
+            promoted = record | {"settings": record["settings"] | {"init": init["settings"]}}
+            summary["champion/version"] = float(_register(config, run_id, promoted))
+        tracking.log_metrics(summary)
+    verdict = "promoted to champion" if better else "kept beside the champion (not better on validation)"
+    print(f"merge distill: {d.steps} steps in {seconds:.0f} s, validation IP {validation[IP_OVERALL]:.3f} "
+          f"(champion {init['validation'][IP_OVERALL]:.3f}), {quality} {validation[quality]:.3f} "
+          f"(base {base[quality]:.3f}): {verdict}", flush=True)
     return summary
