@@ -17,6 +17,7 @@ from serve_testing import make_lora
 
 from safetydpo import layout, storage, tracking
 from safetydpo.config import Config, build_config
+from safetydpo.evaluation import run as evaluation
 from safetydpo.generation import generate_pairs
 from safetydpo.merge.lora_file import MergeError
 from safetydpo.merge.search import IP, QUALITY, choose_champion, pareto_front
@@ -102,6 +103,11 @@ def test_search_publishes_registers_and_is_skipped_when_done(trained: Config, ca
     assert catalog.resolve("merged").name == catalog.resolve(CHAMPION).name == CHAMPION
     published = Path(layout.lora_file(layout.merged_dir(trained.run_root, CHAMPION)))
     assert Path(catalog.local_lora(uri)).read_bytes() == published.read_bytes()
+    merges = trained.model_copy(deep=True)
+    merges.eval.baselines = ["merges"]  # evaluation renders what it resolves: local files, fetched from the registry
+    specs = {spec.name: spec for spec in evaluation.baseline_specs(merges)}
+    assert {CHAMPION, "merged_comerge", "merged_average"} <= set(specs)
+    assert Path(specs[CHAMPION].lora).read_bytes() == published.read_bytes()
 
     capsys.readouterr()
     with tracking.pipeline_run(trained):

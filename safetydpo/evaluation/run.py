@@ -49,19 +49,20 @@ def resolve_model(config: Config, model: str) -> ModelRef:
 
 def baseline_specs(config: Config) -> list[ModelRef]:
     """``eval.baselines`` resolved; ``experts`` and ``merges`` expand to every one found under run_root
-    (``merges``: the search's champion, each searched method's best trial, then ``merge.methods``)."""
+    (``merges``: the search's champion, ``merge.methods``, then every other merge: each searched method's best
+    trial, the distilled champion)."""
     catalog = ModelCatalog.from_config(config)
     specs = []
     for entry in config.eval.baselines:
         if entry == "experts":
-            specs += [catalog.resolve(model_id) for model_id in catalog.experts()]
+            specs += [resolve_model(config, model_id) for model_id in catalog.experts()]
         elif entry == "merges":
-            found = set(storage.list_dirs(layout.merged_dir(config.run_root)))
-            folders = [f for f in sorted(found) if f.startswith("best_")] + list(config.merge.methods)
-            ids = ([CHAMPION] if CHAMPION in found else []) + [f"merged:{f}" for f in folders]
+            found = set(storage.list_dirs(layout.merged_dir(config.run_root))) - {layout.SEARCH_DIR, CHAMPION}
+            ids = ([CHAMPION] if storage.exists(layout.merged_dir(config.run_root, CHAMPION)) else []) + [
+                f"merged:{f}" for f in [*config.merge.methods, *sorted(found - set(config.merge.methods))]]
             for model_id in ids:
                 try:
-                    specs.append(catalog.resolve(model_id))
+                    specs.append(resolve_model(config, model_id))
                 except ModelUnavailable:
                     continue
         else:
