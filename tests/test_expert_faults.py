@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from safetydpo import experts, storage, tracking
+from safetydpo import experts, layout, storage, tracking
 from safetydpo.config import build_config
 from safetydpo.generation import generate_pairs
 
@@ -116,7 +116,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path):
     assert killed["registered_step"] < MAX_STEPS, "Hate had finished before the kill: give it more steps"
     config = _config(tmp_path)
     for name in ("Hate", "Violence"):
-        meta = storage.read_json(storage.join(experts.expert_dir(config.run_root, name), experts.EXPERT_JSON))
+        meta = storage.read_json(storage.join(experts.expert_dir(config.run_root, name), layout.EXPERT_JSON))
         assert meta["steps"] == MAX_STEPS, name
 
     client = mlflow.MlflowClient(config.tracking.tracking_uri)
