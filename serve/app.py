@@ -53,11 +53,10 @@ from safetydpo.model_ids import (
     ModelCatalog,
     ModelUnavailable,
     NotMergedYet,
-    mlflow_uri,
 )
 from safetydpo.pipelines import load_pipeline, model_path, png_bytes
 from safetydpo.rendering import render
-from serve.model_cards import eval_metrics, lora_source
+from serve.model_cards import card_of, eval_metrics, lora_source
 from serve.render_queue import RenderQueue
 from serve.schemas import (
     MAX_SEED,
@@ -261,21 +260,18 @@ class Ingress:
 
     async def list_models(self) -> ModelList:
         def cards() -> list[ModelCard]:
-            def metrics(model_id: str) -> dict[str, float] | None:
-                return eval_metrics(self.catalog, self.benchmarks, model_id)
-
             found = []
-            merged = self.catalog.merged()
-            if merged is None:
+            source, metrics = card_of(self.catalog, self.benchmarks, MERGED)
+            if source is None:
                 found.append(ModelCard(id=MERGED, ready=False, detail=NOT_MERGED_YET))
             else:
-                found.append(ModelCard(id=MERGED, source=merged, metrics=metrics(MERGED)))
+                found.append(ModelCard(id=MERGED, source=source, metrics=metrics))
             if self.keys["base"]:
-                found.append(ModelCard(id=BASE, requires_key=True, metrics=metrics(BASE)))
-            for model_id, path in self.catalog.experts().items():
-                found.append(ModelCard(id=model_id, source=path, metrics=metrics(model_id)))
-            for model_id in sorted(self.registered):
-                found.append(ModelCard(id=model_id, source=mlflow_uri(model_id), metrics=metrics(model_id)))
+                found.append(ModelCard(id=BASE, requires_key=True,
+                                       metrics=eval_metrics(self.catalog.run_root, self.benchmarks, BASE)))
+            for model_id in [*self.catalog.experts(), *sorted(self.registered)]:
+                source, metrics = card_of(self.catalog, self.benchmarks, model_id)
+                found.append(ModelCard(id=model_id, source=source, metrics=metrics))
             return found
 
         return ModelList(data=await asyncio.to_thread(cards))

@@ -8,9 +8,9 @@ trained after the deployment started are listed.
 from __future__ import annotations
 
 import logging
-import math
 
 from safetydpo import layout, storage
+from safetydpo.evaluation.metrics import finite_numbers
 from safetydpo.model_ids import BASE, ModelCatalog, ModelIdError, ModelUnavailable
 
 logger = logging.getLogger(__name__)
@@ -21,20 +21,24 @@ def lora_source(catalog: ModelCatalog, model_id: str) -> str | None:
     return None if model_id == BASE else catalog.resolve(model_id).lora
 
 
-def eval_metrics(catalog: ModelCatalog, benchmarks: tuple[str, ...], model_id: str) -> dict[str, float] | None:
-    """Finite numbers of the model's ``eval/<name>/<benchmark>/metrics.json``, first configured benchmark
-    found; None when it was not evaluated (or has no LoRA yet)."""
+def card_of(catalog: ModelCatalog, benchmarks: tuple[str, ...], model_id: str) -> tuple[str | None, dict | None]:
+    """The LoRA source of ``model_id`` and its evaluation figures, from one resolution (the registry is asked
+    at most once per model and listing)."""
     try:
-        name = catalog.resolve(model_id).name
+        ref = catalog.resolve(model_id)
     except (ModelIdError, ModelUnavailable):
-        return None
+        return None, None
+    return ref.lora, eval_metrics(catalog.run_root, benchmarks, ref.name)
+
+
+def eval_metrics(run_root: str, benchmarks: tuple[str, ...], name: str) -> dict[str, float] | None:
+    """Finite numbers of ``eval/<name>/<benchmark>/metrics.json``, first configured benchmark found; None when
+    the model was not evaluated."""
     for benchmark in benchmarks:
-        path = storage.join(layout.eval_dir(catalog.run_root, name, benchmark), layout.METRICS_JSON)
+        path = storage.join(layout.eval_dir(run_root, name, benchmark), layout.METRICS_JSON)
         if storage.exists(path):
             try:
-                raw = storage.read_json(path)
-                return {k: float(v) for k, v in raw.items()
-                        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+                return finite_numbers(storage.read_json(path))
             except (OSError, ValueError, AttributeError) as err:  # unreadable, not JSON, not a mapping
                 logger.warning("ignoring %s: %s", path, err)
     return None

@@ -34,6 +34,8 @@ to redirect).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -191,3 +193,9 @@ def summarize(table: pd.DataFrame, classifiers: list[str]) -> dict[str, float]:
     if "toy_flagged" in table.columns:
         out |= toy_metrics(table)
     return {name: value for name, value in out.items() if math.isfinite(value)}
+
+
+def finite_numbers(values: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a mapping (a results row, a metrics.json), as floats: what MLflow and JSON take."""
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}

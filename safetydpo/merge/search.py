@@ -13,7 +13,6 @@ to ``merged/champion/`` and registered in MLflow with alias ``champion``. The te
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -99,8 +98,9 @@ def choose_champion(frame: pd.DataFrame, base_quality: float, tolerance: float) 
     return eligible.sort_values([IP, QUALITY], ascending=[True, False]).iloc[0]
 
 
-def run_search(config: Config, stage_run_id: str) -> tuple[pd.DataFrame, float]:
-    """Run the trials; their results table (one row per finished trial) and the base model's quality."""
+def run_search(config: Config, stage_run_id: str) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Run the trials; their results table (one row per finished trial) and the base model's metrics on the
+    same validation prompts."""
     experts = list(finished_experts(config))
     table = inline.validation_prompts(config)
     base = inline.score(config, table, None)
@@ -133,10 +133,5 @@ def run_search(config: Config, stage_run_id: str) -> tuple[pd.DataFrame, float]:
     frame = frame[frame[IP].notna()] if IP in frame else frame
     if frame.empty:
         raise RuntimeError(f"merge search: no trial finished ({len(failed)} failed)")
-    return frame.reset_index(drop=True), float(base[t.quality_metric])
+    return frame.reset_index(drop=True), base
 
-
-def finite(values: dict[str, Any]) -> dict[str, float]:
-    """The finite numbers of a results row (for MLflow and JSON)."""
-    return {k: float(v) for k, v in values.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}

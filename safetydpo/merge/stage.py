@@ -29,12 +29,13 @@ from safetydpo import layout, storage, tracking
 from safetydpo.config import Config
 from safetydpo.evaluation import inline
 from safetydpo.evaluation.metrics import IP_OVERALL
+from safetydpo.evaluation.metrics import finite_numbers as finite
 from safetydpo.experts.spec import expert_slug
 from safetydpo.generation import pairs_location
 from safetydpo.merge.build import MergeSettings, build_merge, finished_experts
 from safetydpo.merge.distill import distill
 from safetydpo.merge.lora_file import LoraFactors, MergedLora, MergeError, load_expert, save_merged
-from safetydpo.merge.search import CHAMPION, IP, QUALITY, choose_champion, finite, pareto_front, run_search
+from safetydpo.merge.search import CHAMPION, IP, QUALITY, choose_champion, pareto_front, run_search
 
 DISTILLED = "distilled"  # merged/distilled/: the champion refined by distillation
 
@@ -80,12 +81,14 @@ def _pareto_plot(frame: pd.DataFrame, champion: pd.Series | None, quality: str) 
     return figure
 
 
-def _publish(config: Config, row: pd.Series, folder: str, fingerprint: str) -> dict[str, Any]:
-    """Copy a trial's merge to ``folder`` with its settings and validation metrics in ``merge.json``."""
+def _publish(config: Config, row: pd.Series, folder: str, fingerprint: str, base: dict[str, float]) -> dict[str, Any]:
+    """Copy a trial's merge to ``folder`` with its settings, its validation metrics and the base model's on the
+    same prompts (``base_validation``) in ``merge.json``."""
     trial = storage.read_json(storage.join(row["folder"], layout.MERGE_JSON))
     storage.write_bytes(layout.lora_file(folder), storage.read_bytes(layout.lora_file(row["folder"])))
     record = trial | {"fingerprint": fingerprint, "trial_id": row["trial_id"], "lora": layout.lora_file(folder),
-                      "validation": finite({k: v for k, v in row.items() if "/" in k and not k.startswith("config/")})}
+                      "validation": finite({k: v for k, v in row.items() if "/" in k and not k.startswith("config/")}),
+                      "base_validation": finite(base)}
     storage.write_json(storage.join(folder, layout.MERGE_JSON), record)
     return record
 
@@ -95,13 +98,15 @@ def _register(config: Config, run_id: str, record: dict[str, Any]) -> str:
     folder = layout.merged_dir(config.run_root, CHAMPION)
     mlflow.log_artifact(layout.lora_file(folder), CHAMPION)
     mlflow.log_artifact(storage.join(folder, layout.MERGE_JSON), CHAMPION)
-    parent = mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId", "")
-    experts = {n: (r.info.run_id if (r := tracking.find_child_run(parent, f"expert/{expert_slug(n)}")) else "")
-               for n in record["experts"]} if parent else {}
+    parent = mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    expert_runs = {}
+    for name in record["experts"] if parent else ():
+        if run := tracking.find_child_run(parent, f"expert/{expert_slug(name)}"):
+            expert_runs[name] = run.info.run_id
     pairs = pairs_location(config).rstrip("/").rsplit("/", 1)[-1]
     tags = {"safetydpo.method": record["settings"]["method"], "safetydpo.trial": record["trial_id"],
             "safetydpo.settings": str(record["settings"]), "safetydpo.pairs_fingerprint": pairs,
-            **{f"safetydpo.expert_run.{expert_slug(n)}": rid for n, rid in experts.items()}}
+            **{f"safetydpo.expert_run.{expert_slug(n)}": rid for n, rid in expert_runs.items()}}
     return tracking.register_lora(run_id, CHAMPION, config.tracking.registered_model, CHAMPION, tags)
 
 
@@ -115,7 +120,8 @@ def search_stage(config: Config) -> dict[str, float]:
         if storage.exists(record_path) and (done := storage.read_json(record_path)).get("fingerprint") == fp:
             print(f"merge search: up to date, champion {done['settings']['method']} ({champion_dir})", flush=True)
             return finite({f"champion/validation/{k}": v for k, v in done["validation"].items()})
-        frame, base_quality = run_search(config, run.info.run_id)
+        frame, base = run_search(config, run.info.run_id)
+        base_quality = base[config.tune.quality_metric]
         frame["pareto"] = pareto_front(frame)
         champion = choose_champion(frame, base_quality, config.tune.quality_tolerance)
         frame["champion"] = frame["trial_id"] == (champion["trial_id"] if champion is not None else None)
@@ -127,11 +133,11 @@ def search_stage(config: Config) -> dict[str, float]:
         for method, rows in frame.groupby("config/method"):
             best = choose_champion(rows, base_quality, config.tune.quality_tolerance)
             if best is not None:
-                _publish(config, best, layout.merged_dir(config.run_root, f"best_{method}"), fp)
+                _publish(config, best, layout.merged_dir(config.run_root, f"best_{method}"), fp, base)
         if champion is None:
             raise RuntimeError(f"merge search: no trial kept {config.tune.quality_metric} within "
                                f"{config.tune.quality_tolerance} of the base ({base_quality:.3f}); see {search_dir}")
-        record = _publish(config, champion, champion_dir, fp)
+        record = _publish(config, champion, champion_dir, fp, base)
         version = _register(config, run.info.run_id, record)
         summary = {"champion/version": float(version), "search/trials": float(len(frame)),
                    **{f"champion/validation/{k}": v for k, v in record["validation"].items()}}
@@ -177,7 +183,8 @@ def distill_stage(config: Config) -> dict[str, float]:
         seconds = time.perf_counter() - start
         table = inline.validation_prompts(config)
         lora = save_merged(merged, folder, {"settings": {"method": "distill", **d.model_dump()}, "experts": experts})
-        validation, base = inline.score(config, table, lora), inline.score(config, table, None)
+        validation = inline.score(config, table, lora)
+        base = init.get("base_validation") or inline.score(config, table, None)  # the search measured it
         quality, tolerance = config.tune.quality_metric, config.tune.quality_tolerance
         better = (validation[IP_OVERALL] < init["validation"][IP_OVERALL]
                   and validation[quality] >= base[quality] - tolerance)
