@@ -158,6 +158,7 @@ class MergeConfig(Section):
     calibration_prompts_per_category: int = Field(8, ge=1)  # validation pairs whose inputs Co-Merge measures
     calibration_timesteps: int = Field(4, ge=1)  # noise levels per calibration input
     seed: int = 0  # DARE's drops and the calibration's timesteps and noise
+    export_pipeline: bool = False  # also save merged/<method>/ and the champion fused into a full pipeline/
 
 
 class DistillConfig(Section):

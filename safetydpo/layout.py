@@ -6,6 +6,7 @@
     experts/<expert>/pytorch_lora_weights.safetensors + expert.json
     experts/_ray/                             Ray Train / Tune state of the experts stage
     merged/<method>/pytorch_lora_weights.safetensors + merge.json
+    merged/<method>/pipeline/                 with merge.export_pipeline: the LoRA fused into a full pipeline
     merged/search/                            the merge search's trials
     eval/<model>/<benchmark>/                 images, scores, metrics.json, report
 
@@ -23,6 +24,7 @@ MERGED_DIR = "merged"
 EVAL_DIR = "eval"
 RAY_DIR = "_ray"  # Ray Train / Tune run state inside a stage's folder
 SEARCH_DIR = "search"  # the merge search's trials, inside merged/
+FUSED_PIPELINE_DIR = "pipeline"  # a merge fused into the UNet, saved as a whole diffusers pipeline
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 EXPERT_JSON = "expert.json"  # written last: an expert is finished iff it exists

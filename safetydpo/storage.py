@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,26 @@ def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
+
+
+def write_tree(local_dir: str, uri: str, last: str | None = None) -> None:
+    """Put a copy of the local folder ``local_dir`` at ``uri``, replacing what is there. Local: copied beside the
+    target, then renamed into place whole. Remote: file by file, the file named ``last`` (a path relative to
+    ``local_dir``) after all others, so its presence says the copy is whole."""
+    source = Path(local_dir)
+    if not is_remote(uri):
+        target = Path(uri.removeprefix("file://"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.{os.getpid()}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        remove_tree(str(target))
+        os.replace(staging, target)
+        return
+    remove_tree(uri)
+    files = [p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()]
+    for relative in sorted(files, key=lambda r: (r == last, r)):
+        write_bytes(join(uri, relative), (source / relative).read_bytes())
 
 
 def _current_umask() -> int:

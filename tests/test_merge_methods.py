@@ -10,13 +10,15 @@ import pytest
 import safetensors
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import merge_utils
 
-from safetydpo.config import DPOConfig
+from safetydpo.config import DPOConfig, ModelConfig
 from safetydpo.layout import LORA_WEIGHTS
 from safetydpo.lora import add_lora, save_lora
+from safetydpo.merge.calibration import CalibrationBatch, input_statistics
+from safetydpo.merge.export import save_fused_pipeline
 from safetydpo.merge.lora_file import ExpertLora, LoraFactors, MergeError, load_expert, save_merged
 from safetydpo.merge.methods import compress, merge
 from safetydpo.toyworld.models import build_unet, load_toy_pipeline
@@ -211,6 +213,30 @@ def test_merged_file_loads_into_the_pipeline_with_the_merged_delta(tmp_path):
             torch.testing.assert_close(module(inputs), expected, atol=1e-5, rtol=1e-4)
 
 
+
+def test_a_merge_exports_as_a_full_pipeline_with_the_lora_fused(tmp_path):
+    for seed, name in enumerate("ab"):
+        _saved_expert(tmp_path / name, seed)
+    experts = {n: load_expert(n, str(tmp_path / n)) for n in "ab"}
+    save_merged(merge(experts, "linear", lam=0.7), str(tmp_path / "merged"))
+    target = save_fused_pipeline(ModelConfig(pretrained="toy", dtype="float32"), str(tmp_path / "merged"))
+    assert target == str(tmp_path / "merged" / "pipeline")
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["pipeline", LORA_WEIGHTS]  # nothing left over
+
+    fused = DiffusionPipeline.from_pretrained(target)
+    assert not any("lora" in name for name, _ in fused.unet.named_parameters())  # plain weights, no adapter
+    adapted = load_toy_pipeline()
+    adapted.load_lora_weights(str(tmp_path / "merged"))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    states = torch.randn(2, 8, adapted.unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        expected = adapted.unet(latents, torch.tensor([100, 700]), encoder_hidden_states=states).sample
+        got = fused.unet(latents, torch.tensor([100, 700]), encoder_hidden_states=states).sample
+        plain = load_toy_pipeline().unet(latents, torch.tensor([100, 700]), encoder_hidden_states=states).sample
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the fused weights are not the base's
+
 @pytest.mark.parametrize("options", [{}, {"use_rslora": True}, {"alpha_pattern": {"attn2.to_k": 2}},
                                      {"rank_pattern": {"attn1.to_q": 2}}])
 def test_expert_scales_are_peft_scalings(tmp_path, options):
@@ -285,3 +311,29 @@ def test_regmean_is_the_least_squares_merge_on_the_layer_inputs() -> None:
 
     quiet = regmean(one, {"a": full}, full, beta=1e6)
     assert all(_dense(quiet, layer).abs().max() < 1e-4 for layer in SHAPES)
+
+
+# (6) the calibration pass with each expert's own inputs
+
+
+def test_own_input_statistics_in_one_batched_pass_equal_one_pass_per_expert(tmp_path):
+    for seed, name in enumerate("ab"):
+        _saved_expert(tmp_path / name, seed)
+    pipe = load_toy_pipeline()
+    for name in "ab":
+        pipe.load_lora_weights(str(tmp_path / name), adapter_name=name)
+    modules = [name for name, m in pipe.unet.named_modules() if name.endswith(("attn1.to_q", "attn2.to_k"))]
+    generator = torch.Generator().manual_seed(0)
+    batch = CalibrationBatch(torch.randn(5, 4, 8, 8, generator=generator), torch.tensor([10, 200, 400, 600, 900]),
+                             torch.randn(5, 8, pipe.unet.config.cross_attention_dim, generator=generator))
+    looped = []
+    for name in "ab":
+        pipe.set_adapters(name)
+        looped.append(input_statistics(pipe.unet, modules, batch))
+    pipe.set_adapters(["a", "b"])
+    batched = input_statistics(pipe.unet, modules, batch, micro_batch=3, adapters=["a", "b"])
+    for module in modules:
+        assert batched[module].shape == (2, pipe.unet.get_submodule(module).in_features)
+        torch.testing.assert_close(batched[module], torch.stack([m[module] for m in looped]))
+    deep = [m for m in modules if m.endswith("attn1.to_q")][-1]  # a late self-attention sees each expert's own
+    assert not torch.allclose(batched[deep][0], batched[deep][1])

@@ -26,3 +26,19 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         storage.write_bytes(str(target), "not bytes")  # type: ignore[arg-type]
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["file.txt"]
+
+
+def test_write_tree_replaces_a_folder_whole(tmp_path):
+    source = tmp_path / "built"
+    (source / "unet").mkdir(parents=True)
+    (source / "unet" / "weights.bin").write_bytes(b"new")
+    (source / "model_index.json").write_text("{}")
+    target = tmp_path / "merge" / "pipeline"
+    (target / "stale").mkdir(parents=True)
+    (target / "stale" / "old.bin").write_bytes(b"old")
+
+    storage.write_tree(str(source), str(target), last="model_index.json")
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
+        "model_index.json", "unet/weights.bin"]
+    assert [p.name for p in target.parent.iterdir()] == ["pipeline"]  # no staging folder left
+    assert (source / "unet" / "weights.bin").exists()  # the source is copied, not moved

@@ -7,7 +7,8 @@ Part 1: N synthetic experts with SD 1.5's UNet LoRA shapes (rank 4 on ``to_q, to
 every attention layer; the UNet is built from its config on the meta device, so the shapes are exact and
 no weights are loaded). Each (method, N) runs in a fresh process, so its peak RSS (``ru_maxrss``) is its own.
 Part 2, when the toy run root has finished experts: the time of Co-Merge's input statistics for all of
-them (``base`` source: one pass serves every expert; ``own``: one pass per expert) against one pass.
+them (``base`` source: one pass serves every expert; ``own``: every expert's adapter on its own copy of the
+inputs, batched in one pass, or looped) against one expert's pass.
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ def one_merge(method: str, n: int) -> dict[str, float]:
             "svd_error_max": round(max(merged.errors.values()), 3)}
 
 
-def statistics_pass(config_path: str) -> dict[str, float] | None:
-    """Co-Merge's input statistics for the toy run root's experts: base source, own source, one pass."""
+def statistics_pass(config_path: str, repeats: int = 3) -> dict[str, float] | None:
+    """Co-Merge's input statistics for the toy run root's experts, on one calibration batch (the best of
+    ``repeats``; loading excluded): one expert's own pass, the base pass that serves every expert, and every
+    expert's own inputs batched in one pass (peft mixed-batch) or looped (one pass per expert)."""
+    from safetydpo import layout
     from safetydpo.config import load_config
-    from safetydpo.merge.build import calibration_rows, finished_experts, input_norms, load_experts
+    from safetydpo.experts import expert_dir
+    from safetydpo.experts.spec import expert_slug
+    from safetydpo.merge.build import calibration_rows, finished_experts, load_experts
     from safetydpo.merge.calibration import calibration_batch, input_statistics
     from safetydpo.pipelines import load_pipeline
 
@@ -70,22 +76,39 @@ def statistics_pass(config_path: str) -> dict[str, float] | None:
     if len(finished_experts(config)) < 2:
         return None
     experts = load_experts(config)
-    input_norms(config, experts, "base")  # warm-up: imports, caches
-    timings = {}
-    for source in ("base", "own"):
-        start = time.perf_counter()
-        input_norms(config, experts, source)
-        timings[f"{source}_s"] = time.perf_counter() - start
     pipe = load_pipeline(config.model)
     rows = calibration_rows(config)
     modules = [layer.split(".", 1)[1] for layer in next(iter(experts.values())).layers]
-    start = time.perf_counter()
     batch = calibration_batch(pipe, rows["unsafe_prompt"].tolist(), rows["unsafe_image"].tolist(),
                               config.merge.calibration_timesteps, config.merge.seed)
-    input_statistics(pipe.unet, modules, batch)
-    one = time.perf_counter() - start
-    return {"experts": len(experts), "one_pass_s": round(one, 2), **{k: round(v, 2) for k, v in timings.items()},
-            "base_vs_one_pass": round(timings["base_s"] / one, 2), "own_vs_one_pass": round(timings["own_s"] / one, 2)}
+    slugs = [expert_slug(name) for name in experts]
+    for name, slug in zip(experts, slugs, strict=True):
+        pipe.load_lora_weights(layout.lora_file(expert_dir(config.run_root, name)), adapter_name=slug)
+
+    def best(run) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def looped() -> None:
+        for slug in slugs:
+            pipe.set_adapters(slug)
+            input_statistics(pipe.unet, modules, batch)
+
+    pipe.set_adapters(slugs[0])
+    one = best(lambda: input_statistics(pipe.unet, modules, batch))
+    own_looped = best(looped)
+    pipe.set_adapters(slugs)
+    own_batched = best(lambda: input_statistics(pipe.unet, modules, batch, adapters=slugs))
+    pipe.disable_lora()
+    base = best(lambda: input_statistics(pipe.unet, modules, batch))
+    timings = {"base": base, "own_batched": own_batched, "own_looped": own_looped}
+    return {"experts": len(experts), "samples": len(batch.timesteps), "one_expert_s": round(one, 3),
+            **{f"{k}_s": round(v, 3) for k, v in timings.items()},
+            **{f"{k}_vs_one_expert": round(v / one, 2) for k, v in timings.items()}}
 
 
 def main() -> int:

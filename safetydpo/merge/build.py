@@ -114,13 +114,11 @@ def input_norms(config: Config, experts: dict[str, ExpertLora], source: str) -> 
     if source == "base":
         means = input_statistics(pipe.unet, modules, batch)
         return {layer: means[module] for layer, module in zip(layers, modules, strict=True)}
-    per_expert = []
-    for name in experts:
-        pipe.load_lora_weights(layout.lora_file(expert_dir(config.run_root, name)), adapter_name=expert_slug(name))
-        pipe.set_adapters(expert_slug(name))
-        per_expert.append(input_statistics(pipe.unet, modules, batch))
-        pipe.delete_adapters(expert_slug(name))
-    return {layer: torch.stack([m[module] for m in per_expert]) for layer, module in zip(layers, modules, strict=True)}
+    slugs = [expert_slug(name) for name in experts]
+    for name, slug in zip(experts, slugs, strict=True):
+        pipe.load_lora_weights(layout.lora_file(expert_dir(config.run_root, name)), adapter_name=slug)
+    means = input_statistics(pipe.unet, modules, batch, adapters=slugs)
+    return {layer: means[module] for layer, module in zip(layers, modules, strict=True)}
 
 
 def input_grams(config: Config, experts: dict[str, ExpertLora]) -> tuple[dict[str, dict[str, torch.Tensor]],

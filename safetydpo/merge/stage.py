@@ -3,11 +3,12 @@
 Under the run root::
 
     merged/<method>/              each of merge.methods with merge's settings (LoRA + merge.json)
+    merged/<method>/pipeline/     with merge.export_pipeline: the merge fused into a full diffusers pipeline
     merged/search/<trial>/        every trial's merge; merged/search/_ray/ the Tune run
     merged/search/trials.csv      one row per trial: settings, validation metrics, Pareto membership
     merged/search/pareto.png      IP vs quality, one point per trial, methods coloured, champion marked
     merged/best_<method>/         each searched method's best trial (its ablation row)
-    merged/champion/              the champion (LoRA + merge.json with its validation metrics)
+    merged/champion/              the champion (LoRA + merge.json with its validation metrics; pipeline/ as above)
     merged/distilled/             the search's champion refined by distillation from the experts; it
                                   replaces the champion when it is better on the validation split
 
@@ -34,10 +35,18 @@ from safetydpo.experts.spec import expert_slug
 from safetydpo.generation import pairs_location
 from safetydpo.merge.build import MergeSettings, build_merge, finished_experts
 from safetydpo.merge.distill import distill
+from safetydpo.merge.export import save_fused_pipeline
 from safetydpo.merge.lora_file import LoraFactors, MergedLora, MergeError, load_expert, save_merged
 from safetydpo.merge.search import CHAMPION, IP, QUALITY, choose_champion, pareto_front, run_search
 
 DISTILLED = "distilled"  # merged/distilled/: the champion refined by distillation
+
+
+def _export(config: Config, folder: str, redone: bool) -> None:
+    """With ``merge.export_pipeline``: save ``folder``'s merge fused into a full pipeline (again when ``redone``)."""
+    done = storage.exists(storage.join(folder, layout.FUSED_PIPELINE_DIR, "model_index.json"))
+    if config.merge.export_pipeline and (redone or not done):
+        print(f"fused pipeline: {save_fused_pipeline(config.model, folder)}", flush=True)
 
 
 def merge_stage(config: Config) -> dict[str, float]:
@@ -50,6 +59,7 @@ def merge_stage(config: Config) -> dict[str, float]:
             verb = "reused" if record["reused"] else f"merged in {record['seconds']:.1f} s"
             print(f"merge {method:9s} {verb}: {record['lora']} (SVD error <= {record['svd_error_max']:.3f})",
                   flush=True)
+            _export(config, layout.merged_dir(config.run_root, method), redone=not record["reused"])
             out |= {f"merge/{method}/seconds": record["seconds"],
                     f"merge/{method}/svd_error_max": record["svd_error_max"]}
         tracking.log_metrics(out)
@@ -60,7 +70,8 @@ def search_fingerprint(config: Config) -> str:
     """What the search's outcome depends on: the experts, the search and merge settings, the model, the data."""
     trained = {n: storage.read_json(storage.join(f, layout.EXPERT_JSON))["fingerprint"]
                for n, f in finished_experts(config).items()}
-    return storage.fingerprint(trained, config.tune.model_dump(mode="json"), config.merge.model_dump(mode="json"),
+    merge = config.merge.model_dump(mode="json", exclude={"export_pipeline"})
+    return storage.fingerprint(trained, config.tune.model_dump(mode="json"), merge,
                                config.generation.model_dump(mode="json"), config.eval.classifiers, config.data.seed)
 
 
@@ -119,6 +130,7 @@ def search_stage(config: Config) -> dict[str, float]:
     with tracking.child_run("merge-search") as run:
         if storage.exists(record_path) and (done := storage.read_json(record_path)).get("fingerprint") == fp:
             print(f"merge search: up to date, champion {done['settings']['method']} ({champion_dir})", flush=True)
+            _export(config, champion_dir, redone=False)
             return finite({f"champion/validation/{k}": v for k, v in done["validation"].items()})
         frame, base = run_search(config, run.info.run_id)
         base_quality = base[config.tune.quality_metric]
@@ -138,6 +150,7 @@ def search_stage(config: Config) -> dict[str, float]:
             raise RuntimeError(f"merge search: no trial kept {config.tune.quality_metric} within "
                                f"{config.tune.quality_tolerance} of the base ({base_quality:.3f}); see {search_dir}")
         record = _publish(config, champion, champion_dir, fp, base)
+        _export(config, champion_dir, redone=True)
         version = _register(config, run.info.run_id, record)
         summary = {"champion/version": float(version), "search/trials": float(len(frame)),
                    **{f"champion/validation/{k}": v for k, v in record["validation"].items()}}
@@ -203,6 +216,7 @@ def distill_stage(config: Config) -> dict[str, float]:
                                champion | {"distilled": record, "validation": record["validation"]})
             run_id = mlflow.active_run().info.run_id
             promoted = record | {"settings": record["settings"] | {"init": init["settings"]}}
+            _export(config, champion_dir, redone=True)
             summary["champion/version"] = float(_register(config, run_id, promoted))
         tracking.log_metrics(summary)
     verdict = "promoted to champion" if better else "kept beside the champion (not better on validation)"
