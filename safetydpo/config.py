@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safetydpo.categories import CATEGORIES, normalize_category
 
@@ -92,6 +92,7 @@ class DPOConfig(Section):
     lora_alpha: float | None = None  # None: alpha = rank (paper)
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
     learning_rate: float = Field(1e-4, gt=0.0)
+    scale_lr: bool = False  # lr x pairs per optimiser step (batch x accumulation x workers), as Diffusion-DPO
     warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)  # pairs per worker per micro-step
@@ -101,6 +102,17 @@ class DPOConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        """YAML reads an unquoted ``no`` (``dpo.mixed_precision=no``) as false."""
+        return "no" if value is False else value
+
+    def effective_learning_rate(self, workers: int) -> float:
+        """``learning_rate``, times the pairs of one optimiser step over ``workers`` with ``scale_lr``."""
+        pairs = self.batch_size * self.gradient_accumulation_steps * workers
+        return self.learning_rate * (pairs if self.scale_lr else 1)
 
 
 class ExpertsConfig(Section):

@@ -55,13 +55,14 @@ def step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def optimizer_for(params: list[torch.nn.Parameter], dpo: DPOConfig) -> torch.optim.Optimizer:
+def optimizer_for(params: list[torch.nn.Parameter], dpo: DPOConfig, workers: int = 1) -> torch.optim.Optimizer:
+    lr = dpo.effective_learning_rate(workers)
     if dpo.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=dpo.learning_rate, weight_decay=dpo.weight_decay,
+        return Adafactor(params, lr=lr, weight_decay=dpo.weight_decay,
                          scale_parameter=False, relative_step=False, warmup_init=False)
-    return torch.optim.AdamW(params, lr=dpo.learning_rate, weight_decay=dpo.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=dpo.weight_decay)
 
 
 def _micro_batches(dpo: DPOConfig, rank: int, start_step: int, name: str) -> Iterator[dict[str, np.ndarray]]:
@@ -132,7 +133,7 @@ class ExpertRecipe:
         self.unet = self.pipe.unet
         self.params = add_lora(self.unet, self.dpo)
         self.resolution = self.config.model.resolution or self.unet.config.sample_size * self.pipe.vae_scale_factor
-        self.optimizer = optimizer_for(self.params, self.dpo)
+        self.optimizer = optimizer_for(self.params, self.dpo, self.world)
         self.lr_scheduler = get_scheduler("constant_with_warmup", self.optimizer,
                                           num_warmup_steps=self.dpo.warmup_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dpo.mixed_precision == "fp16")
