@@ -207,3 +207,16 @@ def test_expert_table_puts_each_expert_on_its_own_category():
     assert row["benign fidelity"] == 0.84 and row["base benign fidelity"] == 0.86
     assert expert_table({"expert_hate": hate}).empty  # nothing to compare with
     assert expert_table(results, base="expert_hate").empty  # the expert's own report compares no expert
+
+
+def test_safe_latent_renderer_takes_prompts_over_the_token_limit(tmp_path):
+    """diffusers' safe pipeline tokenizes prompts untruncated too: one prompt over the limit in a batch made
+    it fail; the renderer cuts prompts as the text encoder would and leaves the rows' prompts as they were."""
+    config = toy_config(tmp_path)
+    renderer = ev.SafeLatentRenderer(config.model, config.generation, {"prompt": "image"}, "max", "gun blood")
+    limit = renderer.pipe.tokenizer.model_max_length
+    prompts = np.array(["a red square", " ".join(["red square"] * limit)], dtype=object)
+    assert len(renderer.pipe.tokenizer(prompts[1]).input_ids) > limit
+    out = renderer({"prompt": prompts, "seed": np.array([0, 1])})
+    assert out["prompt"].tolist() == prompts.tolist()
+    assert all(decode_png(png).shape[-1] == 3 for png in out["image"])

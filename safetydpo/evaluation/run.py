@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -89,6 +90,19 @@ class SafeLatentRenderer(PromptRenderer):
         self.pipe.set_progress_bar_config(disable=True)
         if concept:
             self.pipe.safety_concept = concept
+
+    def truncated(self, prompts: np.ndarray) -> np.ndarray:
+        """``prompts`` cut to the text encoder's token limit, as the pipeline would encode them: the safe
+        pipeline also tokenizes each prompt untruncated and fails on a batch where one is longer than
+        the limit (CoProV2 and I2P have such prompts)."""
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(prompts.tolist(), truncation=True, max_length=tokenizer.model_max_length).input_ids
+        return np.array(tokenizer.batch_decode(ids, skip_special_tokens=True), dtype=object)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        originals = {col: batch[col] for col in self.columns}
+        batch = super().__call__({**batch, **{col: self.truncated(batch[col]) for col in self.columns}})
+        return batch | originals
 
 
 def out_dir(config: Config, spec: ModelRef, benchmark: str) -> str:
