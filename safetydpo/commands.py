@@ -45,11 +45,16 @@ def pipeline(argv: list[str] | None = None) -> int:
             if name in selected:
                 start = time.perf_counter()
                 summary[name] = stage(config)
-                print(f"stage {name}: done in {time.perf_counter() - start:.1f} s", flush=True)
+                seconds = time.perf_counter() - start
+                # The parent run's headline numbers: the same names in every pipeline run, to compare runs.
+                tracking.log_metrics({f"time/{name}_s": seconds} | dict(summary[name]))
+                print(f"stage {name}: done in {seconds:.1f} s", flush=True)
+        version = tracking.headline_tags(config)
     print("\n== safetydpo pipeline finished ==")
     print(f"run root    {config.run_root}")
     print(f"MLflow run  {run.info.run_id} (experiment {config.tracking.experiment})")
     print(f"MLflow UI   {tracking.run_url(run)}")
+    print(f"registered  {config.tracking.registered_model} v{version or '-'} @champion")
     for name, metrics in summary.items():
         print(f"{name:11s} " + "  ".join(f"{k}={v:g}" for k, v in metrics.items()))
     return 0

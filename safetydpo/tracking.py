@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -201,3 +202,30 @@ def register_lora(run_id: str, artifact_path: str, name: str, alias: str, tags: 
     version = client.create_model_version(name, source, run_id=run_id, tags=dict(tags))
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
+
+
+def git_commit() -> str:
+    """The project's git commit (``+dirty`` with uncommitted changes), or ``unknown`` outside a checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return (commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def headline_tags(config: Config) -> str | None:
+    """Tag the active (parent) run with the git commit and the champion's registered version; the version."""
+    tags = {"safetydpo.git_commit": git_commit()}
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(config.tracking.registered_model, "champion")
+    except MlflowException:
+        version = None
+    if version is not None:
+        tags["safetydpo.model_version"] = version.version
+    mlflow.set_tags(tags)
+    return version.version if version is not None else None
+

@@ -171,7 +171,7 @@ def _experts_config(work: Path, at_once: int, args: argparse.Namespace):
         "data": {"toy_pairs_per_category": args.pairs_per_category},
         "generation": {"num_inference_steps": 4},
         "dpo": {"max_steps": args.expert_steps, "batch_size": 8},
-        # 7 x 0.125 CPU leaves the one CPU Ray Data's pair reads need (experts.driver.DATA_CPUS)
+        # 7 x 0.125 CPU: seven experts fit on this machine at once
         "experts": {"max_concurrent": at_once, "cpus_per_worker": 0.125, "checkpoint_every": args.expert_steps},
     })
 

@@ -39,7 +39,6 @@ from safetydpo.generation import pairs_location
 logger = logging.getLogger(__name__)
 
 TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}  # the trial's Python process; Tune refuses all-zero
-DATA_CPUS = 1.0  # kept free for Ray Data's read tasks (one CPU each) while trainers run
 
 
 def ray_dir(run_root: str) -> str:
@@ -56,17 +55,16 @@ def worker_resources(config: Config) -> dict[str, float]:
 def concurrency(config: Config, experts_to_train: int) -> int:
     """How many experts train at once: ``experts.max_concurrent``, bounded by what the cluster holds now.
 
-    Each expert reserves ``num_workers`` x :func:`worker_resources`; :data:`DATA_CPUS` stay free
-    for the pair reads, which would otherwise wait forever behind the trainers.
+    Each expert reserves ``num_workers`` x :func:`worker_resources`. No CPU is held back for Ray Data:
+    an expert's rows are read (materialised) before its trainer reserves anything, and the trainer then
+    replays them from the object store without tasks (:func:`~safetydpo.experts.data.pairs_dataset`).
     """
     available = ray.cluster_resources()
-    available["CPU"] = available.get("CPU", 0.0) - DATA_CPUS
     need = worker_resources(config)
     fits = min(available.get(k, 0.0) // (v * config.experts.num_workers) for k, v in need.items() if v > 0)
     if fits < 1:
-        logger.warning("experts: the cluster has %s, one expert needs %d x %s plus %s CPU to read pairs; "
-                       "waiting for an autoscaler", ray.cluster_resources(), config.experts.num_workers, need,
-                       DATA_CPUS)
+        logger.warning("experts: the cluster has %s, one expert needs %d x %s; waiting for an autoscaler",
+                       available, config.experts.num_workers, need)
     return int(max(1, min(config.experts.max_concurrent, experts_to_train, fits)))
 
 
