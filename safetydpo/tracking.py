@@ -225,7 +225,7 @@ def headline_tags(config: Config) -> str | None:
     except MlflowException:
         version = None
     if version is not None:
-        tags["safetydpo.model_version"] = version.version
+        tags["safetydpo.model_version"] = str(version.version)
     mlflow.set_tags(tags)
-    return version.version if version is not None else None
+    return str(version.version) if version is not None else None
 

@@ -127,5 +127,5 @@ def test_sd15_config_runs_every_stage_on_tiny_sd15_components(tmp_path: Path) ->
     headline = mlflow.get_run(parent).data
     assert {"time/experts_s", "time/evaluate_s", "coprov2/ip/overall", "champion/coprov2/ip/overall"} <= set(
         headline.metrics), sorted(headline.metrics)
-    assert headline.tags["safetydpo.model_version"] == version.version
+    assert headline.tags["safetydpo.model_version"] == str(version.version)
     assert headline.tags["safetydpo.git_commit"]
