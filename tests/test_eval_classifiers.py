@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from tiny_models import save_tiny_clip
 
 from safetydpo.categories import CATEGORIES
 from safetydpo.config import EvalConfig
 from safetydpo.evaluation import classifiers as cl
 from safetydpo.pipelines import png_bytes
-from safetydpo.toyworld.models import MODEL_DIR
 from safetydpo.toyworld.render import render_scene
 from safetydpo.toyworld.world import BENIGN_OBJECTS, CONCEPTS_BY_CATEGORY, Scene
 
@@ -26,23 +25,7 @@ NUDENET_LABELS = {
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> str:
-    """A randomly initialised CLIPModel (16-d projection) saved with a processor, as a model folder."""
-    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    folder = tmp_path_factory.mktemp("clip")
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return str(folder)
+    return str(save_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0, max_positions=16))
 
 
 def toy_images() -> tuple[np.ndarray, list[str]]:

@@ -17,11 +17,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tiny_models import save_tiny_clip
 from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
@@ -60,26 +57,9 @@ def tiny_sd15(folder: Path) -> Path:
     return folder
 
 
-def tiny_clip(folder: Path) -> Path:
-    """A random CLIPModel (16-d projection) with its processor: Q16's and the CLIP score's backbone."""
-    torch.manual_seed(1)
-    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
-    config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
 def test_sd15_config_runs_every_stage_on_tiny_sd15_components(tmp_path: Path) -> None:
-    model, clip = tiny_sd15(tmp_path / "sd15"), tiny_clip(tmp_path / "clip")
+    model = tiny_sd15(tmp_path / "sd15")
+    clip = save_tiny_clip(tmp_path / "clip", seed=1, max_positions=77)
     q16 = tmp_path / "q16_prompts.npy"
     np.save(q16, np.random.default_rng(0).standard_normal((2, 16)).astype(np.float16))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
