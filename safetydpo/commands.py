@@ -12,15 +12,19 @@ import time
 from collections.abc import Mapping
 from typing import get_args
 
+from mlflow.entities import Run
+
 from safetydpo import cli, stages, tracking
 from safetydpo.categories import ALL, normalize_category
-from safetydpo.config import MergeMethod
+from safetydpo.config import Config, MergeMethod
 from safetydpo.data import DataError
 from safetydpo.data.pairs import build_pairs
 from safetydpo.evaluation import run as evaluation
 from safetydpo.evaluation.benchmarks import BENCHMARKS
+from safetydpo.evaluation.metrics import IP, QUALITY, REDIRECT_OVERALL
 from safetydpo.experts import ExpertError
 from safetydpo.merge.lora_file import MergeError
+from safetydpo.model_ids import CHAMPION
 
 
 def _log_info() -> None:
@@ -31,33 +35,58 @@ def _log_info() -> None:
 def pipeline(argv: list[str] | None = None) -> int:
     """Run the SafetyDPO pipeline, stage after stage, under one MLflow parent run."""
     p = cli.parser(pipeline.__doc__)
-    names = [name for name, _ in stages.STAGES]
+    names = stages.NAMES
     p.add_argument("--stages", default=",".join(names), help=f"comma-separated subset of {names}")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo STAGE and every stage that reads its results: their outputs move to "
+                        "<run_root>/superseded/<time>/ first (repeatable)")
     args = p.parse_args(argv)
     config = cli.load(p, args)
     selected = [s for s in args.stages.split(",") if s]
-    unknown = sorted(set(selected) - set(names))
+    unknown = sorted(set(selected + args.force) - set(names))
     if unknown:
         p.error(f"unknown stage(s) {unknown}; known: {names}")
+    if skipped := sorted(set(args.force) - set(selected)):
+        p.error(f"--force {','.join(skipped)}: not among --stages {','.join(selected)}")
+    for src, dst in stages.supersede(config, args.force) if args.force else ():
+        print(f"--force: moved {src} -> {dst}", flush=True)
     summary: dict[str, Mapping[str, float]] = {}
+    times: dict[str, float] = {}
     with cli.session(config) as run:
-        for name, stage in stages.STAGES:
-            if name in selected:
+        for stage in stages.STAGES:
+            if stage.name in selected:
+                print(f"stage {stage.name}: started", flush=True)
                 start = time.perf_counter()
-                summary[name] = stage(config)
-                seconds = time.perf_counter() - start
+                summary[stage.name] = stage.run(config)
+                times[stage.name] = seconds = time.perf_counter() - start
                 # The parent run's headline numbers: the same names in every pipeline run, to compare runs.
-                tracking.log_metrics({f"time/{name}_s": seconds} | dict(summary[name]))
-                print(f"stage {name}: done in {seconds:.1f} s", flush=True)
+                tracking.log_metrics({f"time/{stage.name}_s": seconds} | dict(summary[stage.name]))
+                print(f"stage {stage.name}: done in {seconds:.1f} s", flush=True)
         version = tracking.headline_tags(config)
-    print("\n== safetydpo pipeline finished ==")
-    print(f"run root    {config.run_root}")
-    print(f"MLflow run  {run.info.run_id} (experiment {config.tracking.experiment})")
-    print(f"MLflow UI   {tracking.run_url(run)}")
-    print(f"registered  {config.tracking.registered_model} v{version or '-'} @champion")
-    for name, metrics in summary.items():
-        print(f"{name:11s} " + "  ".join(f"{k}={v:g}" for k, v in metrics.items()))
+    _print_summary(config, run, summary, times, version)
     return 0
+
+
+def _print_summary(config: Config, run: Run, summary: dict[str, Mapping[str, float]], times: dict[str, float],
+                   version: str | None) -> None:
+    """The job's last lines: base vs champion on each benchmark's headline metrics, stage times, where to look."""
+    print("\n== safetydpo pipeline finished ==")
+    results = summary.get("evaluate", {})
+    for benchmark in config.eval.benchmarks:
+        rows = sorted(k.removeprefix(f"{benchmark}/") for k in results
+                      if k.startswith(f"{benchmark}/{IP}/") or k.startswith(f"{benchmark}/{QUALITY}/")
+                      or k == f"{benchmark}/{REDIRECT_OVERALL}")
+        if rows:
+            print(f"{benchmark + ' (test split)':28s} {'base':>8s} {CHAMPION:>9s}")
+        for name in rows:
+            champion = results.get(f"{CHAMPION}/{benchmark}/{name}", float("nan"))
+            print(f"  {name:26s} {results[f'{benchmark}/{name}']:8.3f} {champion:9.3f}")
+    print("stage times  " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in times.items()))
+    print(f"run root     {config.run_root}")
+    print(f"MLflow run   {tracking.run_url(run)} (experiment {config.tracking.experiment})")
+    print(f"registered   models:/{config.tracking.registered_model}@{CHAMPION} (version {version or '-'})")
+    if "serve/deploy_s" in summary.get("deploy", {}):
+        print(f"Serve        http://{config.serve.host}:{config.serve.port} (model 'merged' = the champion)")
 
 
 def generate(argv: list[str] | None = None) -> int:

@@ -57,6 +57,18 @@ def remove_tree(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def move(src: str, dst: str) -> bool:
+    """Move the file or folder ``src`` to ``dst`` (whose parent is created); False when ``src`` does not exist.
+    Local: one rename. Object stores: ``pyarrow.fs`` copies, then deletes."""
+    fs, source = filesystem(src)
+    if fs.get_file_info(source).type == pafs.FileType.NotFound:
+        return False
+    _, target = filesystem(dst)
+    fs.create_dir(target.rsplit("/", 1)[0])
+    fs.move(source, target)
+    return True
+
+
 def write_tree(local_dir: str, uri: str, last: str | None = None) -> None:
     """Put a copy of the local folder ``local_dir`` at ``uri``, replacing what is there. Local: copied beside the
     target, then renamed into place whole. Remote: file by file, the file named ``last`` (a path relative to

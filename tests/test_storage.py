@@ -42,3 +42,14 @@ def test_write_tree_replaces_a_folder_whole(tmp_path):
         "model_index.json", "unet/weights.bin"]
     assert [p.name for p in target.parent.iterdir()] == ["pipeline"]  # no staging folder left
     assert (source / "unet" / "weights.bin").exists()  # the source is copied, not moved
+
+
+def test_move_takes_a_folder_whole_and_reports_a_missing_one(tmp_path):
+    source = tmp_path / "merged" / "champion"
+    source.mkdir(parents=True)
+    (source / "merge.json").write_text("{}")
+    target = tmp_path / "superseded" / "t0" / "merged" / "champion"
+
+    assert storage.move(str(source), str(target))
+    assert not source.exists() and (target / "merge.json").read_text() == "{}"
+    assert not storage.move(str(source), str(target))  # nothing there any more
