@@ -246,6 +246,7 @@ class ExpertRecipe:
             log = _MetricLog(self._open_run(stack, resumed))
             batches = _micro_batches(dpo, self.rank, self.step, TRAIN)
             benign_batches = _micro_batches(dpo, self.rank, self.step, BENIGN) if dpo.preserve_weight else None
+            started = time.perf_counter()
             try:
                 while self.step < dpo.max_steps:
                     metrics = self.train_step(batches, benign_batches)
@@ -254,7 +255,12 @@ class ExpertRecipe:
                         log.flush()
                         if self.step == dpo.max_steps and self.rank == 0:
                             self.log_final()
-                        self.checkpoint(log.take_window())
+                        window = log.take_window()
+                        if self.rank == 0:  # the job log's progress line, one per checkpoint
+                            loss, seconds = window.get("loss", float("nan")), time.perf_counter() - started
+                            print(f"expert {self.spec.name}: step {self.step}/{dpo.max_steps}, loss {loss:.4g}, "
+                                  f"{seconds:.0f} s", flush=True)
+                        self.checkpoint(window)
             except _NonFinite as err:
                 message = (f"expert {self.spec.name!r} (categories {list(self.spec.categories)}): non-finite {err} "
                            f"at step {self.step + 1}; stopped there, the last good checkpoint (step {self.step}) "

@@ -78,6 +78,9 @@ def _trial(params: dict[str, Any], *, config: Config, experts: list[str], table:
                              **{f"weight.{k}": v for k, v in settings.weights.items()}})
         tracking.log_metrics(metrics | {"merge_seconds": record["seconds"], "score_seconds": score_seconds,
                                         "svd_error_max": record["svd_error_max"]})
+    print(f"merge-search trial {trial_id}: {settings.method} scale {settings.scale:.2f}, validation IP "
+          f"{metrics[IP_OVERALL]:.3f}, {config.tune.quality_metric} {metrics[config.tune.quality_metric]:.3f} "
+          f"({record['seconds'] + score_seconds:.0f} s)", flush=True)
     tune.report(metrics | {IP: metrics[IP_OVERALL], QUALITY: metrics[config.tune.quality_metric],
                            "merge_seconds": record["seconds"], "score_seconds": score_seconds,
                            "folder": folder})
