@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from safetydpo import cli
 from safetydpo.categories import CATEGORIES
@@ -85,3 +86,15 @@ def test_cli_exits_with_the_message(capsys) -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_every_key_is_documented_once_in_the_readme_reference() -> None:
+    from safetydpo import config_reference
+
+    models = [Config, *(f.annotation for f in Config.model_fields.values() if isinstance(f.annotation, type)
+                        and issubclass(f.annotation, BaseModel))]
+    undocumented = [f"{m.__name__}.{k}" for m in models for k, f in m.model_fields.items() if not f.description]
+    assert undocumented == []
+    readme = config_reference.README.read_text()
+    assert config_reference.readme_section(readme) == config_reference.reference(), \
+        "README's config reference is stale: python -m safetydpo.config_reference --update"
