@@ -48,6 +48,7 @@ def pipeline(argv: list[str] | None = None) -> int:
         p.error(f"unknown stage(s) {unknown}; known: {names}")
     if skipped := sorted(set(args.force) - set(selected)):
         p.error(f"--force {','.join(skipped)}: not among --stages {','.join(selected)}")
+    _log_info()
     for src, dst in stages.supersede(config, args.force) if args.force else ():
         print(f"--force: moved {src} -> {dst}", flush=True)
     summary: dict[str, Mapping[str, float]] = {}

@@ -18,7 +18,7 @@ from safetydpo import experts, layout, smoke, storage, tracking
 from safetydpo.config import Config
 from safetydpo.evaluation import run as evaluation
 from safetydpo.evaluation.metrics import benchmark_metric
-from safetydpo.generation import generate_pairs, log_generation, pairs_location, summary_line
+from safetydpo.generation import MANIFEST, generate_pairs, log_generation, pairs_location, summary_line
 from safetydpo.merge.stage import DISTILLED, distill_stage, merge_stage, search_stage
 from safetydpo.model_ids import CHAMPION
 
@@ -28,9 +28,10 @@ SUPERSEDED_DIR = "superseded"  # <run_root>/superseded/<UTC time>/: outputs move
 def generate(config: Config) -> dict[str, float]:
     """Render (or reuse) the preference pairs in the child run ``generate``."""
     with tracking.child_run("generate"):
+        reused = storage.exists(storage.join(pairs_location(config), MANIFEST))
         path = generate_pairs(config)
         metrics = log_generation(path)
-    print(summary_line(path), flush=True)
+    print(f"pairs: reusing the finished dataset {path}" if reused else summary_line(path), flush=True)
     return metrics
 
 

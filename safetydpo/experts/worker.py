@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -258,8 +259,9 @@ class ExpertRecipe:
                         window = log.take_window()
                         if self.rank == 0:  # the job log's progress line, one per checkpoint
                             loss, seconds = window.get("loss", float("nan")), time.perf_counter() - started
+                            # Ray Train's print logs and, when stdout is wrapped, tees too: the real stdout once.
                             print(f"expert {self.spec.name}: step {self.step}/{dpo.max_steps}, loss {loss:.4g}, "
-                                  f"{seconds:.0f} s", flush=True)
+                                  f"{seconds:.0f} s", file=sys.__stdout__, flush=True)
                         self.checkpoint(window)
             except _NonFinite as err:
                 message = (f"expert {self.spec.name!r} (categories {list(self.spec.categories)}): non-finite {err} "

@@ -122,8 +122,10 @@ def run_search(config: Config, stage_run_id: str) -> tuple[pd.DataFrame, dict[st
     tuner = tune.Tuner(
         tune.with_resources(trial, {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial}),
         param_space=search_space(config, experts),
+        # reuse_actors: a trial's process (torch, diffusers imported) serves the next trial; a fresh one costs
+        # about as much as the trial's own merge and render on the toy world.
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=t.num_samples,
-                                    max_concurrent_trials=t.max_concurrent),
+                                    max_concurrent_trials=t.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=f"search-{time.strftime('%Y%m%d-%H%M%S')}", verbose=0,
                                   storage_path=storage.join(layout.merged_dir(config.run_root, layout.SEARCH_DIR),
                                                             layout.RAY_DIR)),
