@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint cluster-up cluster-down cluster-status browser
 
 demo: $(STAMP)
-	$(PY) jobs/pipeline.py --config jobs/configs/toy.yaml
+	$(PY) cluster/demo.py --config jobs/configs/toy.yaml
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)

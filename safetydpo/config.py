@@ -248,6 +248,10 @@ class DistillConfig(Section):
     """Pairs per distillation step"""
     seed: int = 0
     """Noise, timesteps and batch order"""
+    num_cpus: float = Field(1.0, gt=0.0)
+    """CPUs of the Ray task that distils (also its torch threads)"""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs of the Ray task that distils"""
 
 
 class TuneConfig(Section):

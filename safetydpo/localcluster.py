@@ -21,7 +21,7 @@ from safetydpo.config import PROJECT_ROOT
 
 DEFAULT_RUNS = PROJECT_ROOT / "runs"
 # What `ray job submit --working-dir .` must not upload (gitignore-style, relative to the project).
-RUNTIME_ENV_EXCLUDES = [".venv", "runs", ".git", "mlruns", "__pycache__"]
+RUNTIME_ENV_EXCLUDES = [".venv", "runs", ".git", "mlruns", "__pycache__", ".ruff_cache", ".pytest_cache"]
 
 
 def state_path(runs: Path = DEFAULT_RUNS) -> Path:

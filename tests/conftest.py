@@ -10,6 +10,8 @@ import ray
 
 from safetydpo.config import Config, build_config
 
+pytest_plugins = ["cluster_testing"]  # the `local` fixture: a private cluster/local.py cluster
+
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:

@@ -8,7 +8,6 @@ is never touched. Every process a test starts runs in a session of its own and i
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import shutil
@@ -17,13 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import mlflow
 import psutil
 import pytest
+from cluster_testing import Runner, cluster_flags, cluster_local, free_ports, private_ports, runner
 
 from safetydpo import localcluster
 from safetydpo.config import PROJECT_ROOT
@@ -58,59 +57,6 @@ ray.init()
 print("GCS", ray.get_runtime_context().gcs_address, flush=True)
 '''
 STARTED_LOCAL = "Started a local Ray instance"
-Runner = Callable[[str], subprocess.CompletedProcess]
-
-
-def _load_cluster_local() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cluster_local", PROJECT_ROOT / "cluster" / "local.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cluster_local = _load_cluster_local()
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def _cluster_flags(run_root: Path, ports: dict[str, int]) -> list[str]:
-    return ["--run-root", str(run_root), "--num-cpus", "1", "--timeout", "300",
-            "--ray-port", str(ports["ray"]), "--dashboard-port", str(ports["dashboard"]),
-            "--mlflow-port", str(ports["mlflow"]), "--client-port", str(ports["client"]),
-            "--agent-port", str(ports["agent"])]
-
-
-def _runner(flags: list[str], env: dict[str, str] | None = None) -> Runner:
-    """``cluster/local.py <command> <flags>`` as a function of the command."""
-    def run(command: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(PROJECT_ROOT / "cluster" / "local.py"), command, *flags],
-                              env=env, capture_output=True, text=True, timeout=600)
-
-    return run
-
-
-def _private_ports() -> dict[str, int]:
-    return dict(zip(["ray", "dashboard", "mlflow", "client", "agent"], _free_ports(5), strict=True))
-
-
-@pytest.fixture
-def local(tmp_path: Path) -> Iterator[tuple[Runner, dict[str, int]]]:
-    """Run ``cluster/local.py <command>`` on private ports; always ``down`` afterwards."""
-    ports = _private_ports()
-    temp_dir = tempfile.mkdtemp(prefix="sdr-", dir="/tmp")  # short: Ray's socket paths live there
-    run = _runner([*_cluster_flags(tmp_path, ports), "--temp-dir", temp_dir])
-    yield run, ports
-    run("down")
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -127,7 +73,7 @@ def ray_default_env() -> Iterator[dict[str, str]]:
 @pytest.fixture
 def local_default_temp(tmp_path: Path, ray_default_env: dict[str, str]) -> Iterator[Runner]:
     """``cluster/local.py`` on private ports with Ray's default temp dir (as ``make cluster-up``)."""
-    run = _runner(_cluster_flags(tmp_path, _private_ports()), env=ray_default_env)
+    run = runner(cluster_flags(tmp_path, private_ports()), env=ray_default_env)
     yield run
     run("down")
 
@@ -251,7 +197,7 @@ def _record(tmp_path: Path, recorded: str) -> Path:
 
 
 def test_down_forgets_only_a_record_of_its_own_dead_head(tmp_path: Path) -> None:
-    ours, other = _free_ports(2)
+    ours, other = free_ports(2)
     entry = {"address": f"127.0.0.1:{ours}", "gcs_address": f"127.0.0.1:{ours}"}
 
     kept = _record(tmp_path, f"127.0.0.1:{other}")  # another `ray start` on the machine since

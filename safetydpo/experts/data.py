@@ -143,5 +143,12 @@ def benign_dataset(pairs: str) -> ray.data.Dataset:
 
 def _read(pairs: str, rows, columns: list[str]) -> ray.data.Dataset:
     fs, files = pairs_files(pairs)
-    dataset = ray.data.read_parquet(files, filesystem=fs).filter(expr=rows).select_columns(columns)
-    return dataset.materialize().randomize_block_order()
+    # A dataset keeps the DataContext it was made under: training iterates it epoch after epoch, and each
+    # epoch's progress bars would flood the job's log.
+    context = ray.data.DataContext.get_current()
+    shown, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        dataset = ray.data.read_parquet(files, filesystem=fs).filter(expr=rows).select_columns(columns)
+        return dataset.materialize().randomize_block_order()
+    finally:
+        context.enable_progress_bars = shown

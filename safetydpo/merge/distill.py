@@ -37,13 +37,15 @@ def _encode(pipe, images: np.ndarray, prompts: list[str], generator: torch.Gener
     """Noised latents (VAE posterior mode, a random timestep each), timesteps and text states."""
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ids = np.array([f"distill {i}" for i in range(len(images))])
+    device, dtype = pipe.unet.device, pipe.unet.dtype
     with torch.no_grad():
-        x = torch.from_numpy(pixels(images, resolution, ids))
+        x = torch.from_numpy(pixels(images, resolution, ids)).to(device, dtype)
         latents = pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
-        states = pipe.encode_prompt(prompts, pipe.unet.device, 1, False)[0]
+        states = pipe.encode_prompt(prompts, device, 1, False)[0]
+    # Drawn on the CPU generator, so a run is the same on any device.
     t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(images),), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    return pipe.scheduler.add_noise(latents, noise, t), t, states
+    noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+    return pipe.scheduler.add_noise(latents, noise, t.to(device)), t.to(device), states
 
 
 def distill(config: Config, experts: list[str], init: MergedLora, *, steps: int, lr: float = 1e-3,

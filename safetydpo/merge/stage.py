@@ -24,6 +24,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import ray
 from matplotlib.figure import Figure
 
 from safetydpo import layout, storage, tracking
@@ -181,7 +182,8 @@ def distill_stage(config: Config) -> dict[str, float]:
         raise MergeError(f"nothing to distill: no {champion_dir}; run the merge search (jobs/tune_merge.py)")
     champion = storage.read_json(storage.join(champion_dir, layout.MERGE_JSON))
     init = champion.get("distilled", {}).get("init", champion)  # a promoted distillation keeps its initial merge
-    fp = storage.fingerprint(init["fingerprint"], init["trial_id"], config.distill.model_dump(mode="json"))
+    fp = storage.fingerprint(init["fingerprint"], init["trial_id"],
+                             config.distill.model_dump(mode="json", exclude={"num_cpus", "num_gpus"}))
     record_path = storage.join(folder, layout.MERGE_JSON)
     with tracking.child_run("merge-distill"):
         if storage.exists(record_path) and (done := storage.read_json(record_path)).get("fingerprint") == fp:
@@ -191,8 +193,10 @@ def distill_stage(config: Config) -> dict[str, float]:
         experts = list(finished_experts(config))
         init_lora = layout.lora_file(champion_dir) if "distilled" not in champion else init["lora_copy"]
         d = config.distill
-        merged = distill(config, experts, _as_merged(init_lora), steps=d.steps, lr=d.learning_rate,
-                         batch_size=d.batch_size, seed=d.seed)
+        # A Ray task with the distillation's own resources (a GPU on a cluster), not the job's driver.
+        remote = ray.remote(num_cpus=d.num_cpus, num_gpus=d.num_gpus)(distill)
+        merged = ray.get(remote.remote(config, experts, _as_merged(init_lora), steps=d.steps, lr=d.learning_rate,
+                                       batch_size=d.batch_size, seed=d.seed))
         seconds = time.perf_counter() - start
         table = inline.validation_prompts(config)
         lora = save_merged(merged, folder, {"settings": {"method": "distill", **d.model_dump()}, "experts": experts})
