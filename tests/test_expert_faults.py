@@ -86,16 +86,6 @@ def _kill_hate_worker_after_checkpoint(root: Path, killed: dict) -> None:
         killed.update(pid=pid, registered_step=step)
 
 
-def _kill_worker_node_after_checkpoint(root: Path, killed: dict, cluster, node) -> None:
-    """Once Hate has a registered checkpoint, a fresh worker node joins and the training node dies at once
-    (no graceful drain): every trainer process on it goes with it."""
-    step = _wait_for_hate_checkpoint(root)
-    if step is not None:
-        cluster.add_node(num_cpus=1, resources={"trainer_slot": 2})
-        cluster.remove_node(node, allow_graceful=False)
-        killed.update(node=node.node_id, registered_step=step)
-
-
 def _scenario(root: str, fault: str) -> None:
     """Runs in a fresh process: the cluster, the pairs, the training and the fault ("worker" or "node")."""
     import ray
@@ -110,18 +100,40 @@ def _scenario(root: str, fault: str) -> None:
     killed: dict = {}
     if fault == "worker":
         killer = threading.Thread(target=_kill_hate_worker_after_checkpoint, args=(Path(root), killed), daemon=True)
+        try:
+            killer.start()
+            with tracking.pipeline_run(config):
+                experts.train_experts(config, pairs=pairs)
+            killer.join(timeout=1)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
     else:
-        killer = threading.Thread(target=_kill_worker_node_after_checkpoint, args=(Path(root), killed, cluster, node),
-                                  daemon=True)
-    try:
-        killer.start()
-        with tracking.pipeline_run(config):
-            experts.train_experts(config, pairs=pairs)
-        killer.join(timeout=1)
-        storage.write_json(str(Path(root) / "killed.json"), killed)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+        # Nodes start and stop from the main thread only (signal handlers): training runs beside it.
+        errors: list[BaseException] = []
+
+        def train() -> None:
+            try:
+                with tracking.pipeline_run(config):
+                    experts.train_experts(config, pairs=pairs)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(err)
+
+        trainer = threading.Thread(target=train, daemon=True)
+        try:
+            trainer.start()
+            step = _wait_for_hate_checkpoint(Path(root))
+            if step is not None:  # a fresh node joins and the training node dies at once, no graceful drain
+                cluster.add_node(num_cpus=1, resources={"trainer_slot": 2})
+                cluster.remove_node(node, allow_graceful=False)
+                killed.update(node=node.node_id, registered_step=step)
+            trainer.join(timeout=1500)
+            if errors:
+                raise errors[0]
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    storage.write_json(str(Path(root) / "killed.json"), killed)
 
 
 def _run_scenario(root: Path, fault: str) -> dict:
