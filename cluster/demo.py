@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         print(f"error: the pipeline job failed (exit status {status}); its log: {log}", file=sys.stderr)
         return status
-    serve_url = f"http://{config.serve.host}:{config.serve.port}"
+    serve_url = config.serve.url
     image = run_root / "demo" / f"merged-{stamp}.png"
     headers = ask_endpoint(serve_url, DEMO_PROMPT, image)
     minutes = (time.perf_counter() - started) / 60

@@ -87,7 +87,7 @@ def _print_summary(config: Config, run: Run, summary: dict[str, Mapping[str, flo
     print(f"MLflow run   {tracking.run_url(run)} (experiment {config.tracking.experiment})")
     print(f"registered   models:/{config.tracking.registered_model}@{CHAMPION} (version {version or '-'})")
     if "serve/deploy_s" in summary.get("deploy", {}):
-        print(f"Serve        http://{config.serve.host}:{config.serve.port} (model 'merged' = the champion)")
+        print(f"Serve        {config.serve.url} (model 'merged' = the champion)")
 
 
 def generate(argv: list[str] | None = None) -> int:

@@ -376,6 +376,11 @@ class ServeConfig(Section):
     max_guidance_scale: float = Field(20.0, gt=0.0)
     """Guidance scale a request may ask for"""
 
+    @property
+    def url(self) -> str:
+        """The endpoint's base URL."""
+        return f"http://{self.host}:{self.port}"
+
 
 class TrackingConfig(Section):
     """MLflow: where runs go and what they are called."""

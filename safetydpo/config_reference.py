@@ -60,9 +60,14 @@ def reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bounds(text: str) -> tuple[int, int]:
+    """Where README.md's generated section starts and ends (between the markers)."""
+    return text.index(BEGIN) + len(BEGIN), text.index(END)
+
+
 def readme_section(text: str) -> str:
     """What README.md holds between the markers."""
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    start, end = _bounds(text)
     return text[start:end].strip("\n") + "\n"
 
 
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(reference())
         return 0
     text = README.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    start, end = _bounds(text)
     README.write_text(text[:start] + "\n" + reference() + text[end:])
     return 0
 

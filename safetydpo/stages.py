@@ -119,9 +119,10 @@ def supersede(config: Config, names: list[str]) -> list[tuple[str, str]]:
     deleted), so that those stages redo their work; returns (moved from, moved to) pairs."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     root = config.run_root.rstrip("/")
+    redone = dependants(names)
     moved = []
     for stage in STAGES:
-        if stage.name in dependants(names):
+        if stage.name in redone:
             for path in stage.outputs(config):
                 target = storage.join(root, SUPERSEDED_DIR, stamp, path[len(root):].lstrip("/"))
                 if storage.move(path, target):

@@ -18,10 +18,6 @@ from safetydpo.model_ids import ModelCatalog
 from serve.app import APP_NAME, MODEL_DEPLOYMENT, build_app
 
 
-def url(config: Config) -> str:
-    return f"http://{config.serve.host}:{config.serve.port}"
-
-
 def deploy(config: Config) -> dict[str, float]:
     """Deploy (or update) the application on the Ray this process is connected to; returns summary numbers.
 
@@ -35,9 +31,9 @@ def deploy(config: Config) -> dict[str, float]:
         seconds = time.perf_counter() - started
         replicas = serve.status().applications[APP_NAME].deployments[MODEL_DEPLOYMENT].replica_states
         running = sum(count for state, count in replicas.items() if str(state) == "RUNNING")
-        tracking.log_params({"serve/url": url(config), "serve/merged": merged or "none"})
+        tracking.log_params({"serve/url": config.serve.url, "serve/merged": merged or "none"})
         tracking.log_metrics({"serve/deploy_s": seconds, "serve/replicas": running})
-    print(f"serving {url(config)} (merged LoRA: {merged or 'none yet'}; {running} model replica(s), "
+    print(f"serving {config.serve.url} (merged LoRA: {merged or 'none yet'}; {running} model replica(s), "
           f"{seconds:.1f} s)", flush=True)
     return {"serve/deploy_s": seconds, "serve/replicas": float(running)}
 

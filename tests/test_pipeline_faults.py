@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safetydpo import layout, tracking
+from safetydpo import layout, localcluster, tracking
 
 pytestmark = [pytest.mark.slow, pytest.mark.num_cpus(2)]
 
@@ -40,7 +40,7 @@ OVERRIDES = [
 def _submit(dashboard: str, run_root: Path, submission_id: str) -> None:
     entrypoint = ["python", "jobs/pipeline.py", "--config", "jobs/configs/toy.yaml", "--stages", "generate,experts",
                   f"run_root={run_root}", *OVERRIDES]
-    runtime_env = json.dumps({"excludes": [".venv", "runs", ".git", "__pycache__"]})
+    runtime_env = json.dumps({"excludes": localcluster.RUNTIME_ENV_EXCLUDES})
     done = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", submission_id, "--no-wait",
          "--working-dir", ".", "--runtime-env-json", runtime_env, "--", *entrypoint],

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cluster_testing import free_ports
 
+from safetydpo import localcluster
 from safetydpo.config import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.num_cpus(2)]
@@ -26,7 +27,7 @@ def test_submitted_pipeline_deploys_serve_that_outlives_the_job(local, tmp_path:
     up = run("up")
     assert up.returncode == 0, up.stdout + up.stderr
     (serve_port,) = free_ports(1)
-    runtime_env = json.dumps({"excludes": [".venv", "runs", ".git", "__pycache__"]})
+    runtime_env = json.dumps({"excludes": localcluster.RUNTIME_ENV_EXCLUDES})
     done = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard']}",
          "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
