@@ -26,12 +26,16 @@ def add_lora(unet: UNet2DConditionModel, dpo: DPOConfig) -> list[torch.nn.Parame
     """Freeze ``unet``, add the configured LoRA (alpha defaults to rank) and return its trainable parameters.
 
     LoRA parameters are kept in fp32 even when the UNet is fp16/bf16, so optimiser updates are exact.
+    A's Gaussian draw comes from ``dpo.seed`` (peft draws it on the CPU), so two runs of one config start
+    from the same adapter; the process's own random state is left as it was.
     """
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(
-        r=dpo.lora_rank, lora_alpha=dpo.lora_alpha or dpo.lora_rank,
-        init_lora_weights="gaussian", target_modules=list(dpo.lora_targets),
-    ))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(dpo.seed)
+        unet.add_adapter(LoraConfig(
+            r=dpo.lora_rank, lora_alpha=dpo.lora_alpha or dpo.lora_rank,
+            init_lora_weights="gaussian", target_modules=list(dpo.lora_targets),
+        ))
     cast_training_params(unet, dtype=torch.float32)
     return [p for p in unet.parameters() if p.requires_grad]
 

@@ -31,7 +31,8 @@ def generate(config: Config) -> dict[str, float]:
         reused = storage.exists(storage.join(pairs_location(config), MANIFEST))
         path = generate_pairs(config)
         metrics = log_generation(path)
-    print(f"pairs: reusing the finished dataset {path}" if reused else summary_line(path), flush=True)
+    if not reused:  # generate_pairs logs the reuse itself
+        print(summary_line(path), flush=True)
     return metrics
 
 

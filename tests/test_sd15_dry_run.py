@@ -76,7 +76,7 @@ def test_sd15_config_runs_every_stage_on_tiny_sd15_components(tmp_path: Path) ->
         "merge.rank=4", "merge.calibration_prompts_per_category=1", "merge.calibration_timesteps=1",
         "tune.num_samples=2", "tune.max_concurrent=1", "tune.cpus_per_trial=1", "tune.gpus_per_trial=0",
         "tune.methods=[comerge,average]", "tune.quality_tolerance=100",
-        "distill.steps=2",
+        "distill.steps=2", "distill.num_cpus=1", "distill.num_gpus=0",
         f"eval.clip_model={clip}", f"eval.q16_prompts_path={q16}", "eval.benchmarks=[coprov2]", "eval.limit=4",
         "eval.batch_size=4", "eval.num_gpus_per_classifier=0", "eval.num_classifier_actors=1",
         "eval.baselines=[base,negative_prompt,'sld:medium',experts,merges]",

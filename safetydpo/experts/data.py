@@ -125,7 +125,7 @@ def scan_pairs(pairs: str, names: list[str], num_workers: int = 1,
     return specs
 
 
-def pairs_dataset(pairs: str, spec: ExpertSpec) -> ray.data.Dataset:
+def pairs_dataset(pairs: str, spec: ExpertSpec, seed: int) -> ray.data.Dataset:
     """The expert's training rows, read once into the object store (filter and columns pushed into the read).
 
     Training loops over these rows for many epochs; materialised, each epoch replays blocks from the
@@ -133,22 +133,26 @@ def pairs_dataset(pairs: str, spec: ExpertSpec) -> ray.data.Dataset:
     thousand pairs, cost more than the epoch's DPO steps). Workers reshuffle every epoch as they iterate.
     """
     rows = (col("split") == TRAIN_SPLIT) & col("category").is_in(list(spec.file_values))
-    return _read(pairs, rows, ["pair_id", "unsafe_prompt", "safe_prompt", "unsafe_image", "safe_image"])
+    return _read(pairs, rows, ["pair_id", "unsafe_prompt", "safe_prompt", "unsafe_image", "safe_image"], seed)
 
 
-def benign_dataset(pairs: str) -> ray.data.Dataset:
+def benign_dataset(pairs: str, seed: int) -> ray.data.Dataset:
     """The safe twins of every category's training pairs (prompt and image): the preservation term's inputs."""
-    return _read(pairs, col("split") == TRAIN_SPLIT, ["pair_id", "safe_prompt", "safe_image"])
+    return _read(pairs, col("split") == TRAIN_SPLIT, ["pair_id", "safe_prompt", "safe_image"], seed)
 
 
-def _read(pairs: str, rows, columns: list[str]) -> ray.data.Dataset:
+def _read(pairs: str, rows, columns: list[str], seed: int) -> ray.data.Dataset:
+    """Rows in an order fixed by the files and ``seed`` (read in file order, blocks shuffled with ``seed``),
+    so two runs of one config, or a resumed one, train on the same sequence."""
     fs, files = pairs_files(pairs)
     # A dataset keeps the DataContext it was made under: training iterates it epoch after epoch, and each
     # epoch's progress bars would flood the job's log.
     context = ray.data.DataContext.get_current()
     shown, context.enable_progress_bars = context.enable_progress_bars, False
+    ordered, context.execution_options.preserve_order = context.execution_options.preserve_order, True
     try:
         dataset = ray.data.read_parquet(files, filesystem=fs).filter(expr=rows).select_columns(columns)
-        return dataset.materialize().randomize_block_order()
+        return dataset.materialize().randomize_block_order(seed=seed)
     finally:
         context.enable_progress_bars = shown
+        context.execution_options.preserve_order = ordered

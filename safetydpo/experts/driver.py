@@ -99,9 +99,10 @@ def fit_expert(config: Config, spec: ExpertSpec, pairs: str, env: dict[str, str]
     record: ``status`` is ``trained`` or ``failed`` (non-finite loss, with the error).
     """
     start = time.perf_counter()
-    datasets = {TRAIN: pairs_dataset(pairs, spec)}
-    if config.experts.dpo_for(config.dpo, spec.name).preserve_weight:
-        datasets[BENIGN] = benign if benign is not None else benign_dataset(pairs)
+    dpo = config.experts.dpo_for(config.dpo, spec.name)
+    datasets = {TRAIN: pairs_dataset(pairs, spec, dpo.seed)}
+    if dpo.preserve_weight:
+        datasets[BENIGN] = benign if benign is not None else benign_dataset(pairs, dpo.seed)
     fp = expert_fingerprint(config, spec)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
@@ -156,7 +157,7 @@ def train_experts(config: Config, pairs: str | None = None,
         env = tracking.worker_env()
         # The preservation term's benign images are the same for every expert: one copy in the object store.
         preserving = any(config.experts.dpo_for(config.dpo, name).preserve_weight for name in todo)
-        benign = benign_dataset(pairs) if preserving else None
+        benign = benign_dataset(pairs, config.dpo.seed) if preserving else None
         trial = tune.with_parameters(_trial, config=config, specs=todo, pairs=pairs, env=env, benign=benign)
         tuner = tune.Tuner(
             tune.with_resources(trial, TRIAL_RESOURCES),

@@ -4,13 +4,15 @@
 pipeline, LoRA, optimiser and data (``setup``), takes up the latest checkpoint if Ray Train hands one
 (``restore``), then steps (``step``), checkpointing every ``experts.checkpoint_every`` steps
 (``checkpoint``) and logging the LoRA and a before/after grid at the end (``log_final``).
-Every (rank, step, micro-batch) draws its noise and timesteps from its own seed, so a resumed run
-redraws what an uninterrupted one would have. A non-finite loss or gradient stops the expert with
-a message naming step and category; the last good checkpoint stays.
+Every (rank, step, micro-batch) draws its noise and timesteps from its own seed, and each epoch's
+row order from (rank, epoch), so a resumed run redraws what an uninterrupted one would have. A
+non-finite loss or gradient stops the expert with a message naming step and category; the last good
+checkpoint stays.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
@@ -67,19 +69,26 @@ def optimizer_for(params: list[torch.nn.Parameter], dpo: DPOConfig, workers: int
 
 
 def _micro_batches(dpo: DPOConfig, rank: int, start_step: int, name: str) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of this worker's shard of dataset ``name``, epoch after epoch, reshuffled each epoch."""
+    """Batches of this worker's shard of dataset ``name``, epoch after epoch, reshuffled each epoch.
+
+    A run resumed at ``start_step`` passes over the micro-batches the finished steps consumed, so it
+    continues at the same rows as an uninterrupted run (exact with one worker; with several, Ray Data's
+    split decides which rows reach which worker). Passing over costs reading, not computing.
+    """
     shard = ray.train.get_dataset_shard(name)
-    epoch = 0
-    while True:
-        count = 0
-        for batch in shard.iter_batches(batch_size=dpo.batch_size, batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * dpo.batch_size,
-                                        local_shuffle_seed=step_seed(dpo.seed, rank, start_step, epoch)):
-            count += 1
-            yield batch
-        if count == 0:
-            raise ExpertError(f"worker {rank} received no rows of the {name!r} dataset")
-        epoch += 1
+
+    def epochs() -> Iterator[dict[str, np.ndarray]]:
+        for epoch in itertools.count():
+            count = 0
+            for batch in shard.iter_batches(batch_size=dpo.batch_size, batch_format="numpy",
+                                            local_shuffle_buffer_size=4 * dpo.batch_size,
+                                            local_shuffle_seed=step_seed(dpo.seed, rank, epoch)):
+                count += 1
+                yield batch
+            if count == 0:
+                raise ExpertError(f"worker {rank} received no rows of the {name!r} dataset")
+
+    return itertools.islice(epochs(), start_step * dpo.gradient_accumulation_steps, None)
 
 
 def _global_mean(values: torch.Tensor, world: int) -> torch.Tensor:

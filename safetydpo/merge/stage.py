@@ -19,6 +19,7 @@ and lineage tags. A finished search (``merged/champion/merge.json`` with the cur
 from __future__ import annotations
 
 import io
+import logging
 import time
 from typing import Any
 
@@ -39,6 +40,8 @@ from safetydpo.merge.distill import distill
 from safetydpo.merge.export import save_fused_pipeline
 from safetydpo.merge.lora_file import LoraFactors, MergedLora, MergeError, load_expert, save_merged
 from safetydpo.merge.search import CHAMPION, IP, QUALITY, choose_champion, pareto_front, run_search
+
+logger = logging.getLogger(__name__)
 
 DISTILLED = "distilled"  # merged/distilled/: the champion refined by distillation
 
@@ -194,6 +197,10 @@ def distill_stage(config: Config) -> dict[str, float]:
         init_lora = layout.lora_file(champion_dir) if "distilled" not in champion else init["lora_copy"]
         d = config.distill
         # A Ray task with the distillation's own resources (a GPU on a cluster), not the job's driver.
+        available = ray.cluster_resources()
+        if available.get("CPU", 0.0) < d.num_cpus or available.get("GPU", 0.0) < d.num_gpus:
+            logger.warning("merge distill: the cluster has %s, the task needs distill.num_cpus=%s, distill.num_gpus=%s;"
+                           " waiting for an autoscaler", available, d.num_cpus, d.num_gpus)
         remote = ray.remote(num_cpus=d.num_cpus, num_gpus=d.num_gpus)(distill)
         merged = ray.get(remote.remote(config, experts, _as_merged(init_lora), steps=d.steps, lr=d.learning_rate,
                                        batch_size=d.batch_size, seed=d.seed))
