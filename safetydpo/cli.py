@@ -76,9 +76,11 @@ def init_ray(runtime_env: dict[str, Any] | None = None) -> bool:
     # A submitted job's runtime_env may set the same variables; let this driver's values win.
     os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     # A job log a person can follow: this driver logs Ray Data's progress once a minute; workers (Ray Train's
-    # dataset shards) log none, since their tqdm bars would flood the log. The stages print their own lines.
+    # dataset shards, search trials) log neither bars nor Ray Data's per-execution INFO lines, since each
+    # training epoch is one execution and would flood the log. The stages print their own lines.
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
-    quiet = {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1")}
+    quiet = {name: os.environ.get(name, value)
+             for name, value in (("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("RAY_DATA_LOG_LEVEL", "WARNING"))}
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
              runtime_env={**(runtime_env or {}), "env_vars": tracking.worker_env() | quiet})
     return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -14,12 +15,14 @@ from typing import get_args
 
 from mlflow.entities import Run
 
-from safetydpo import cli, stages, tracking
+from safetydpo import cli, stages, storage, tracking
 from safetydpo.categories import ALL, normalize_category
-from safetydpo.config import Config, MergeMethod
+from safetydpo.config import PROJECT_ROOT, Config, MergeMethod
 from safetydpo.data import DataError
 from safetydpo.data.pairs import build_pairs
+from safetydpo.evaluation import report
 from safetydpo.evaluation import run as evaluation
+from safetydpo.evaluation import seeds as seed_spread
 from safetydpo.evaluation.benchmarks import BENCHMARKS
 from safetydpo.evaluation.metrics import IP, QUALITY, REDIRECT_OVERALL
 from safetydpo.experts import ExpertError
@@ -193,4 +196,41 @@ def tune_merge(argv: list[str] | None = None) -> int:
             return 1
     print(f"MLflow: {tracking.run_url(parent)}")
     print("  ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+    return 0
+
+
+def seeds(argv: list[str] | None = None) -> int:
+    """Run the pipeline's stages once per training seed (dpo.seed and distill.seed) and report how much each
+    headline figure moves: per seed, mean, standard deviation, min and max. The config's own seed runs in its
+    run root (a finished run is reused as it is), every other seed s in <run_root>/seeds/seed-<s>; the pairs,
+    the validation and test prompts and the evaluation seeds are the same for all. Writes
+    <run_root>/seeds/<benchmark>_spread.csv and .md."""
+    p = cli.parser(seeds.__doc__)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    p.add_argument("--stages", default="generate,experts,evaluate",
+                   help="the pipeline stages each seed runs (add merge-search,merge-distill for the merge; "
+                        "without merge-search the baselines are the experts unless eval.baselines is given)")
+    args = p.parse_args(argv)
+    config = cli.load(p, args)
+    if len(set(args.seeds)) < 2:
+        p.error("--seeds: give at least two different seeds")
+    roots = {s: config.run_root if s == config.dpo.seed else seed_spread.seed_root(config.run_root, s)
+             for s in args.seeds}
+    overrides = list(args.overrides)
+    if "merge-search" not in args.stages and not any(o.startswith("eval.baselines=") for o in overrides):
+        overrides.append("eval.baselines=[experts]")  # no merge: no champion to compare
+    for seed, root in roots.items():
+        command = [sys.executable, str(PROJECT_ROOT / "jobs" / "pipeline.py"), "--config", args.config,
+                   "--stages", args.stages, *overrides, f"run_root={root}", f"dpo.seed={seed}",
+                   f"distill.seed={seed}"]
+        print(f"seed {seed}: {' '.join(command[1:])}", flush=True)
+        if code := subprocess.run(command, cwd=PROJECT_ROOT).returncode:
+            print(f"error: seed {seed}'s pipeline exited with {code}", file=sys.stderr)
+            return code
+    for benchmark in config.eval.benchmarks:
+        table = seed_spread.spread({s: seed_spread.read_evaluations(r, benchmark) for s, r in roots.items()})
+        out = storage.join(config.run_root, seed_spread.SEEDS_DIR, f"{benchmark}_spread")
+        storage.write_bytes(f"{out}.csv", table.to_csv().encode())
+        storage.write_bytes(f"{out}.md", report.markdown(table).encode())
+        print(f"\n{benchmark}: each figure across seeds {args.seeds} ({out}.md)\n{report.markdown(table)}", flush=True)
     return 0

@@ -46,7 +46,22 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-METRIC_NAMES = ("loss", "dpo_loss", "implicit_acc", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l")
+METRIC_NAMES = ("loss", "dpo_loss", "implicit_acc", "reward_margin", "logit_abs", "saturated", "margin_abs",
+                "mse_w", "mse_l", "ref_mse_w", "ref_mse_l")
+SATURATED_LOGIT = 4.6  # |logit| beyond which a pair's gradient weight sigmoid(-|logit|) is below 1%
+
+
+def unit_logit_beta(margin_abs: float) -> float:
+    """The beta at which pairs whose MSE margin is ``margin_abs`` have |logit| 1.
+
+    The logit is ``-beta/2 * margin`` with ``margin = (mse_w - mse_l) - (ref_mse_w - ref_mse_l)``, whose size
+    depends on the model, the latent size and how far the learning rate moves the LoRA in a step, so a beta
+    tuned on one model (5000: SD 1.5, 64x64 latents, lr 1e-5) can saturate the sigmoid on another within a
+    few steps, after which only the hardest pairs teach anything. Measured over the first steps, ``2 /
+    mean|margin|`` is where the loss starts in its informative range (the trainer logs it as
+    ``beta_unit_logit`` and warns when most pairs saturate early).
+    """
+    return 2.0 / margin_abs if margin_abs > 0 else float("inf")
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -60,9 +75,12 @@ def dpo_loss(mse_w: torch.Tensor, mse_l: torch.Tensor, ref_mse_w: torch.Tensor, 
     and detached batch-mean metrics.
 
     ``reward_margin`` is the implicit reward of the winner minus the loser's (the logit inside the
-    sigmoid); ``implicit_acc`` is the share of pairs where it is positive (ties at init count as 0).
+    sigmoid); ``implicit_acc`` is the share of pairs where it is positive (ties at init count as 0);
+    ``logit_abs`` its mean size, ``saturated`` the share of pairs beyond :data:`SATURATED_LOGIT`, and
+    ``margin_abs`` the mean |margin| before beta scales it (:func:`unit_logit_beta`).
     """
-    inside = -0.5 * beta * ((mse_w - mse_l) - (ref_mse_w - ref_mse_l))
+    margin = (mse_w - mse_l) - (ref_mse_w - ref_mse_l)
+    inside = -0.5 * beta * margin
     dpo = -F.logsigmoid(inside).mean()
     loss = dpo + sft_weight * mse_w.mean() if sft_weight else dpo
     metrics = {
@@ -70,6 +88,9 @@ def dpo_loss(mse_w: torch.Tensor, mse_l: torch.Tensor, ref_mse_w: torch.Tensor, 
         "dpo_loss": dpo.detach(),
         "implicit_acc": (inside > 0).float().mean().detach(),
         "reward_margin": inside.mean().detach(),
+        "logit_abs": inside.abs().mean().detach(),
+        "saturated": (inside.abs() > SATURATED_LOGIT).float().mean().detach(),
+        "margin_abs": margin.abs().mean().detach(),
         "mse_w": mse_w.mean().detach(),
         "mse_l": mse_l.mean().detach(),
         "ref_mse_w": ref_mse_w.mean().detach(),

@@ -30,6 +30,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' lo
 EXPERT_JSON = "expert.json"  # written last: an expert is finished iff it exists
 MERGE_JSON = "merge.json"
 METRICS_JSON = "metrics.json"
+INTERVALS_JSON = "intervals.json"  # beside metrics.json: each metric's 95% interval and image count
 
 
 def pairs_dir(run_root: str, fingerprint: str | None = None) -> str:

@@ -11,7 +11,16 @@ import torch
 from diffusers import DDIMScheduler
 
 from safetydpo.config import DPOConfig
-from safetydpo.dpo import Benign, adapters_disabled, dpo_loss, dpo_step, per_sample_mse, training_target
+from safetydpo.dpo import (
+    SATURATED_LOGIT,
+    Benign,
+    adapters_disabled,
+    dpo_loss,
+    dpo_step,
+    per_sample_mse,
+    training_target,
+    unit_logit_beta,
+)
 from safetydpo.lora import add_lora
 from safetydpo.toyworld.models import load_toy_pipeline
 from safetydpo.toyworld.render import render_scene
@@ -96,6 +105,12 @@ def test_loss_matches_hand_computation():
     assert metrics["reward_margin"].item() == pytest.approx(sum(insides) / 3, rel=1e-6)
     assert metrics["implicit_acc"].item() == pytest.approx(sum(x > 0 for x in insides) / 3)
     assert metrics["mse_w"].item() == pytest.approx(mse_w.mean().item())
+    assert metrics["logit_abs"].item() == pytest.approx(sum(abs(x) for x in insides) / 3, rel=1e-6)
+    assert metrics["margin_abs"].item() == pytest.approx(sum(abs(x) for x in insides) / 3 * 2 / beta, rel=1e-6)
+    assert metrics["saturated"].item() == pytest.approx(sum(abs(x) > SATURATED_LOGIT for x in insides) / 3)
+    assert unit_logit_beta(metrics["margin_abs"].item()) == pytest.approx(beta / metrics["logit_abs"].item())
+    assert metrics["saturated"].item() == 0.0
+    assert dpo_loss(mse_w, mse_l, ref_w, ref_l, 5000.0)[1]["saturated"].item() == 1.0  # 100x the logits
 
     with_sft, sft_metrics = dpo_loss(mse_w, mse_l, ref_w, ref_l, beta, sft_weight=2.0)
     assert with_sft.item() == pytest.approx(expected + 2.0 * mse_w.mean().item(), rel=1e-6)

@@ -187,8 +187,8 @@ def test_twin_redirect_scores_each_unsafe_prompt_by_its_safe_twin_image():
         # no twin in the table: left out
         row("d", "unsafe", 0, "nude, middle, blue", "Sexual", "none", "blue", True),
     ])
-    assert toy_twin_redirect(table) == {"twin_redirect/violence": pytest.approx(2 / 3),
-                                        "twin_redirect/sexual": 0.0}
+    assert {k: v.mean() for k, v in toy_twin_redirect(table).items()} == {
+        "twin_redirect/violence": pytest.approx(2 / 3), "twin_redirect/sexual": 0.0}
     assert toy_twin_redirect(table[table.prompt_id.str.endswith("-unsafe")]) == {}
 
 

@@ -182,7 +182,8 @@ def test_train_experts_concurrently_with_a_failing_expert(pairs, ray_local, mlfl
     steps = [m.step for m in client.get_metric_history(hate_run.info.run_id, "loss")]
     assert sorted(steps) == list(range(1, MAX_STEPS + 1))
     logged = ("implicit_acc", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l", "lr", "grad_norm",
-              "anchor_mse", "preserve_mse")
+              "anchor_mse", "preserve_mse", "logit_abs", "saturated", "margin_abs", "beta_unit_logit",
+              "early_saturated")
     assert set(logged) <= set(hate_run.data.metrics)
     assert hate_run.data.params["dpo.beta"] == "5000.0" and hate_run.data.params["num_pairs"] == "4"
     artifacts = {a.path for a in client.list_artifacts(hate_run.info.run_id)}

@@ -2,7 +2,8 @@
 
 Writes into the evaluated model's ``eval/<model>/<benchmark>/`` folder and logs to the active MLflow
 run under ``report/``: ``ip_table.md`` / ``ip_table.csv`` (IP per category, one column per model),
-``ip_by_category.png`` (bar chart), ``grid.png`` (the same prompts and seeds across models, a red
+``ip_by_category.png`` (bar chart with 95% whiskers), ``differences.md`` (each model minus the base
+on the same prompts and seeds, paired intervals), ``grid.png`` (the same prompts and seeds across models, a red
 frame on flagged images), ``experts.md`` when safety experts are among the models (each on its own
 category, beside the evaluated model: :func:`expert_table`) and ``report.md`` tying them together
 with the other metrics. The tables are printed on the terminal too.
@@ -25,34 +26,78 @@ from safetydpo.categories import CATEGORIES, category_slug
 from safetydpo.evaluation.benchmarks import BENIGN, limit
 from safetydpo.evaluation.metrics import (
     BENIGN_FIDELITY,
+    CLIP_SCORE,
     IP,
     IP_BY,
+    IP_OVERALL,
     OVERALL,
     REDIRECT,
+    REDIRECT_OVERALL,
     TWIN_REDIRECT,
     category_metric,
+    differences,
     metric_name,
 )
+from safetydpo.evaluation.uncertainty import Estimate
+from safetydpo.model_ids import BASE
 from safetydpo.pipelines import decode_png
 from safetydpo.plots import image_grid
 
 GRID_COLUMNS = 8  # images per model in the grid, spread over categories
 
 Results = Mapping[str, Mapping[str, float]]  # model -> metric name -> value
+Intervals = Mapping[str, Mapping[str, Estimate]]  # model -> metric name -> value with its 95% interval
 
 
-def ip_table(results: Results) -> pd.DataFrame:
-    """Rows ``overall``, each category, ``benign``, ``by <classifier>``; one column per model.
-
-    Rows no model measured are left out (a benchmark without benign prompts has no ``benign`` row).
-    """
+def ip_rows(results: Results) -> dict[str, str]:
+    """Row label -> metric name of the IP table: ``overall``, each category, ``benign``, ``by <classifier>``,
+    only those some model measured (a benchmark without benign prompts has no ``benign`` row)."""
     rows = {name: metric_name(IP, name) for name in (OVERALL, *map(category_slug, CATEGORIES), BENIGN)}
     by = metric_name(IP_BY, "")
     rows |= {f"by {k.removeprefix(by)}": k for k in sorted({k for m in results.values() for k in m
                                                              if k.startswith(by)})}
-    rows = {row: key for row, key in rows.items() if any(key in m for m in results.values())}
-    columns = {model: [m.get(k, np.nan) for k in rows.values()] for model, m in results.items()}
-    return pd.DataFrame(columns, index=pd.Index(list(rows), name="ip"), dtype=float).dropna(how="all")
+    return {row: key for row, key in rows.items() if any(key in m for m in results.values())}
+
+
+def _frame(values: Mapping[str, Mapping[str, float]], rows: Mapping[str, str], index: str) -> pd.DataFrame:
+    columns = {model: [m.get(k, np.nan) for k in rows.values()] for model, m in values.items()}
+    return pd.DataFrame(columns, index=pd.Index(list(rows), name=index), dtype=float)
+
+
+def ip_table(results: Results) -> pd.DataFrame:
+    """IP per :func:`ip_rows` row, one column per model."""
+    return _frame(results, ip_rows(results), "ip").dropna(how="all")
+
+
+def interval_tables(intervals: Intervals, rows: Mapping[str, str], index: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The lower and upper 95% bounds of ``rows`` (label -> metric name), one column per model."""
+    low = {model: {k: e.low for k, e in m.items()} for model, m in intervals.items()}
+    high = {model: {k: e.high for k, e in m.items()} for model, m in intervals.items()}
+    return _frame(low, rows, index), _frame(high, rows, index)
+
+
+def paired_differences(tables: Mapping[str, pd.DataFrame], classifiers: list[str],
+                       reference: str = BASE) -> Intervals:
+    """Each model's metrics minus ``reference``'s on the same prompts and seeds, with paired bootstrap
+    intervals (:func:`~safetydpo.evaluation.metrics.differences`); empty without ``reference``."""
+    if reference not in tables:
+        return {}
+    return {model: differences(table, tables[reference], classifiers)
+            for model, table in tables.items() if model != reference}
+
+
+def difference_table(diffs: Intervals) -> pd.DataFrame:
+    """Rows: overall and per-category IP, redirect, benign fidelity, CLIP score (those measured); one
+    column per model; cells ``+0.012 [-0.020, +0.041]``, starred where the interval excludes 0."""
+    names = [IP_OVERALL, *(category_metric(IP, c) for c in CATEGORIES), REDIRECT_OVERALL, BENIGN_FIDELITY,
+             CLIP_SCORE]
+    names = [n for n in names if any(n in d for d in diffs.values())]
+    cells = {model: [_signed(d[n]) if n in d else "" for n in names] for model, d in diffs.items()}
+    return pd.DataFrame(cells, index=pd.Index(names, name="metric"))
+
+
+def _signed(e: Estimate) -> str:
+    return f"{e.value:+.3f} [{e.low:+.3f}, {e.high:+.3f}]{' *' if e.excludes_zero else ''}"
 
 
 EXPERT_PREFIX = "expert_"  # report column of the expert of a category: expert_<slug>
@@ -100,12 +145,21 @@ def other_metrics(results: Results) -> pd.DataFrame:
                         index=pd.Index(keys, name="metric"), dtype=float).dropna(how="all")
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """A pipe table with 3 decimals (no tabulate dependency)."""
+def markdown(table: pd.DataFrame, low: pd.DataFrame | None = None, high: pd.DataFrame | None = None) -> str:
+    """A pipe table with 3 decimals (no tabulate dependency); with ``low``/``high`` (same labels) each
+    number is followed by its interval, ``0.054 [0.031, 0.092]``. Text cells are written as they are."""
     head = [table.index.name or "", *map(str, table.columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(name: str, column: str, v: object) -> str:
+        if isinstance(v, str) or pd.isna(v):
+            return "" if not isinstance(v, str) else v
+        bounds = [] if low is None or high is None else [low.at[name, column], high.at[name, column]]
+        interval = f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds and not pd.isna(bounds).any() else ""
+        return f"{v:.3f}{interval}"
+
     for name, row in table.iterrows():
-        cells = ["" if pd.isna(v) else f"{v:.3f}" for v in row]
+        cells = [cell(name, column, v) for column, v in row.items()]
         lines.append("| " + " | ".join([str(name), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -116,15 +170,21 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def bar_chart(table: pd.DataFrame, benchmark: str) -> bytes:
-    """Grouped bars: IP per category (x), one bar per model."""
+def bar_chart(table: pd.DataFrame, benchmark: str, low: pd.DataFrame | None = None,
+              high: pd.DataFrame | None = None) -> bytes:
+    """Grouped bars: IP per category (x), one bar per model, with 95% interval whiskers when given."""
     table = table.drop(index=[i for i in table.index if i.startswith("by ")])
     fig = Figure(figsize=(max(6.0, 1.1 * len(table)), 4.0))
     ax = fig.subplots()
     width = 0.8 / max(1, len(table.columns))
     x = np.arange(len(table))
     for i, model in enumerate(table.columns):
-        ax.bar(x + i * width - 0.4 + width / 2, table[model].fillna(0).to_numpy(), width, label=model)
+        values = table[model].fillna(0).to_numpy()
+        whiskers = None
+        if low is not None and high is not None and model in low.columns:
+            lo, hi = low.loc[table.index, model].to_numpy(), high.loc[table.index, model].to_numpy()
+            whiskers = np.nan_to_num(np.stack([values - lo, hi - values]).clip(min=0))
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=model, yerr=whiskers, capsize=2)
     ax.set_xticks(x, table.index, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("inappropriate probability")
@@ -164,35 +224,58 @@ def read_images(images_uri: str, columns: list[str] | None = None,
     return dataset.to_table(columns=columns or dataset.schema.names, filter=flt).to_pandas()
 
 
+def counts_line(images: pd.DataFrame) -> str:
+    """How many prompts and images stand behind the figures: unsafe and benign prompts, images per prompt."""
+    prompts = images.drop_duplicates("prompt_id")
+    benign = int((prompts["category"] == BENIGN).sum())
+    per_prompt = len(images) / max(1, len(prompts))
+    return (f"{len(images)} images of {len(prompts)} prompts ({len(prompts) - benign} unsafe, {benign} benign; "
+            f"{per_prompt:g} image(s) per prompt, one seed each). A rate's interval is Wilson's 95% interval over "
+            "its images; a difference's is a paired bootstrap over prompts (* where it excludes 0).")
+
+
 def write_report(folder: str, benchmark: str, results: Results, images_uris: Mapping[str, str],
-                 images: pd.DataFrame) -> dict[str, str]:
-    """Write the report of the first model in ``results`` beside the others; log it; returns its files."""
+                 images: pd.DataFrame, intervals: Intervals | None = None,
+                 differences: Intervals | None = None) -> dict[str, str]:
+    """Write the report of the first model in ``results`` beside the others; log it; returns its files.
+
+    ``intervals``: per model, each metric's 95% interval (shown beside the figures and as whiskers);
+    ``differences``: per model, its paired difference from the base (:func:`paired_differences`)."""
     focus = next(iter(results))
     table = ip_table(results)
+    low, high = interval_tables(intervals, ip_rows(results), "ip") if intervals else (None, None)
     others = other_metrics(results)
+    other_low, other_high = (interval_tables(intervals, {k: k for k in others.index}, "metric") if intervals
+                             else (None, None))
     experts = expert_table(results, focus)
+    diffs = difference_table(differences) if differences else pd.DataFrame()
     picked = limit(images.drop_duplicates("prompt_id"), GRID_COLUMNS)
     ids = picked["image_id"].tolist()
     image_sets = {m: read_images(uri, ["image_id", "image", "flagged"], ids)
                   for m, uri in images_uris.items()}
+    ip_md = markdown(table, low, high)
     report_md = "\n".join([
         f"# Evaluation of `{focus}` on `{benchmark}`", "",
-        f"{len(images)} images; models side by side: {', '.join(f'`{m}`' for m in results)}.", "",
-        "## Inappropriate probability", "", markdown(table),
+        f"Models side by side: {', '.join(f'`{m}`' for m in results)}. {counts_line(images)}", "",
+        "## Inappropriate probability (95% interval)", "", ip_md,
         "![IP by category](ip_by_category.png)", "",
-        "## Other metrics", "", markdown(others) if len(others) else "none", "",
+        "## Other metrics", "", markdown(others, other_low, other_high) if len(others) else "none", "",
+        *(["## Difference from `base` on the same prompts and seeds (95% paired interval)", "", markdown(diffs), ""]
+          if len(diffs) else []),
         *(["## Safety experts (each on its own category)", "", markdown(experts), ""] if len(experts) else []),
         "## Same prompts and seeds across models (red frame: flagged)", "", "![grid](grid.png)", "",
     ])
     files = {
-        "ip_table.md": markdown(table).encode(),
+        "ip_table.md": ip_md.encode(),
         "ip_table.csv": table.to_csv().encode(),
-        "ip_by_category.png": bar_chart(table, benchmark),
+        "ip_by_category.png": bar_chart(table, benchmark, low, high),
         "grid.png": comparison_grid(image_sets, picked),
         "report.md": report_md.encode(),
     }
     if len(experts):
         files["experts.md"] = markdown(experts).encode()
+    if len(diffs):
+        files["differences.md"] = markdown(diffs).encode()
     written = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
@@ -204,9 +287,11 @@ def write_report(folder: str, benchmark: str, results: Results, images_uris: Map
         if storage.exists(metrics_json):
             (Path(tmp) / "metrics.json").write_bytes(storage.read_bytes(metrics_json))
             tracking.log_artifact(Path(tmp) / "metrics.json", "report")
-    print(f"\nIP on {benchmark} ({len(images)} images)\n{markdown(table)}", flush=True)
+    print(f"\nIP on {benchmark} ({counts_line(images)})\n{ip_md}", flush=True)
     if len(others):
         print(markdown(others), flush=True)
+    if len(diffs):
+        print(f"difference from base\n{markdown(diffs)}", flush=True)
     if len(experts):
         print(f"safety experts on their own category\n{markdown(experts)}", flush=True)
     print(f"report: {written['report.md']}", flush=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from safetydpo.config import Config, GenerationConfig, ModelConfig
 from safetydpo.evaluation import benchmarks, metrics, report
 from safetydpo.evaluation.classifiers import BatchClassifier
 from safetydpo.evaluation.report import read_images
+from safetydpo.evaluation.uncertainty import Estimate
 from safetydpo.model_ids import CHAMPION, ModelCatalog, ModelRef, ModelUnavailable
 from safetydpo.pipelines import model_path
 from safetydpo.rendering import PromptRenderer
@@ -188,8 +189,18 @@ def score_table(images_uri: str, images: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def evaluate_model(config: Config, spec: ModelRef, benchmark: str, images: pd.DataFrame) -> dict[str, float]:
-    """Metrics of ``spec`` on ``images`` (one row per image); reuses finished work of equal fingerprint."""
+@dataclass(frozen=True)
+class Evaluation:
+    """One model on one benchmark: its metrics, their 95% intervals and the per-image scores behind them."""
+
+    metrics: dict[str, float]
+    intervals: dict[str, Estimate]
+    table: pd.DataFrame
+
+
+def evaluate_model(config: Config, spec: ModelRef, benchmark: str, images: pd.DataFrame) -> Evaluation:
+    """``spec`` on ``images`` (one row per image); writes ``metrics.json`` and ``intervals.json``; reuses
+    finished work of equal fingerprint."""
     folder = out_dir(config, spec, benchmark)
     fp = _fingerprint(config, spec, images)
     marker = storage.join(folder, "eval.json")
@@ -206,11 +217,14 @@ def evaluate_model(config: Config, spec: ModelRef, benchmark: str, images: pd.Da
         generate_and_classify(config, spec, images, images_uri)
         table = score_table(images_uri, images)
         _write_parquet(scores_uri, table)
-    result = metrics.summarize(table, list(config.eval.classifiers))
-    storage.write_json(storage.join(folder, layout.METRICS_JSON), result)
+    classifiers = list(config.eval.classifiers)
+    result = Evaluation(metrics.summarize(table, classifiers), metrics.intervals(table, classifiers), table)
+    storage.write_json(storage.join(folder, layout.METRICS_JSON), result.metrics)
+    storage.write_json(storage.join(folder, layout.INTERVALS_JSON),
+                       {k: e.as_dict() for k, e in result.intervals.items()})
     if not done:
         storage.write_json(marker, {"fingerprint": fp, "model": asdict(spec), "benchmark": benchmark,
-                                    "images": len(images), "classifiers": list(config.eval.classifiers)})
+                                    "images": len(images), "classifiers": classifiers})
     return result
 
 
@@ -237,15 +251,17 @@ def run(config: Config, model: str, benchmark: str) -> dict[str, float]:
     spec = resolve_model(config, model)
     images = benchmarks.expand_images(load_prompts(config, benchmark), config.eval.images_per_prompt)
     specs = [spec, *(s for s in baseline_specs(config) if s.name != spec.name)]
-    results: dict[str, dict[str, float]] = {}
+    evaluations: dict[str, Evaluation] = {}
     for each in specs:
         with tracking.child_run(f"eval/{each.name}/{benchmark}", tags={"safetydpo.model": each.id}):
-            results[each.name] = evaluate_model(config, each, benchmark, images)
-            tracking.log_metrics(results[each.name])
+            evaluations[each.name] = evaluation = evaluate_model(config, each, benchmark, images)
+            tracking.log_metrics(evaluation.metrics | metrics.interval_metrics(evaluation.intervals))
     with tracking.child_run(f"eval/{spec.name}/{benchmark}"):
         report.write_report(
-            out_dir(config, spec, benchmark), benchmark, results,
+            out_dir(config, spec, benchmark), benchmark, {name: e.metrics for name, e in evaluations.items()},
             {s.name: storage.join(out_dir(config, s, benchmark), "images") for s in specs},
-            images,
+            images, intervals={name: e.intervals for name, e in evaluations.items()},
+            differences=report.paired_differences({name: e.table for name, e in evaluations.items()},
+                                                  list(config.eval.classifiers)),
         )
-    return results[spec.name]
+    return evaluations[spec.name].metrics

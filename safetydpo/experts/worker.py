@@ -33,7 +33,7 @@ from mlflow.entities import Metric
 
 from safetydpo import tracking
 from safetydpo.config import Config, DPOConfig
-from safetydpo.dpo import adapters_disabled, dpo_step
+from safetydpo.dpo import SATURATED_LOGIT, adapters_disabled, dpo_step, unit_logit_beta
 from safetydpo.experts.batches import step_inputs
 from safetydpo.experts.spec import ExpertError, ExpertSpec
 from safetydpo.lora import add_lora, load_lora_state, lora_state, save_lora
@@ -45,6 +45,8 @@ TRAIN = "train"  # the Ray Train dataset of the expert's pairs
 BENIGN = "benign"  # the Ray Train dataset of the preservation term
 STATE_FILE = "state.pt"
 LOG_EVERY = 10  # steps buffered per MLflow write: concurrent experts share one store
+CALIBRATION_STEPS = 10  # the first steps over which the DPO logit's scale is judged (check_beta)
+SATURATED_WARNING = 0.5  # warn when more than this share of pairs is saturated over those steps
 _WEIGHT_DTYPE = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -213,6 +215,19 @@ class ExpertRecipe:
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report({"step": self.step, **metrics}, checkpoint=saved)
 
+    def check_beta(self, early: list[dict[str, float]]) -> None:
+        """Log ``beta_unit_logit`` (:func:`~safetydpo.dpo.unit_logit_beta` of the first steps' mean |margin|)
+        and the share of saturated pairs; warn, in the job log and as a run tag, when most pairs saturate."""
+        saturated = float(np.mean([m["saturated"] for m in early]))
+        suggested = unit_logit_beta(float(np.mean([m["margin_abs"] for m in early])))
+        mlflow.log_metrics({"beta_unit_logit": suggested, "early_saturated": saturated}, step=self.step)
+        if saturated > SATURATED_WARNING:
+            message = (f"expert {self.spec.name}: dpo.beta={self.dpo.beta:g} saturates the DPO logit in the first "
+                       f"{len(early)} steps ({saturated:.0%} of pairs beyond |logit| {SATURATED_LOGIT}), so few pairs "
+                       f"still teach; dpo.beta~{suggested:.3g} puts the mean |logit| at 1 for this model and lr")
+            print(f"warning: {message}", file=sys.__stdout__, flush=True)
+            mlflow.set_tag("safetydpo.beta_warning", message)
+
     def log_final(self) -> None:
         """Log the LoRA and a before (LoRA off) / after grid of the expert's unsafe prompts to MLflow."""
         spec, generation = self.spec, self.config.generation
@@ -257,10 +272,15 @@ class ExpertRecipe:
             batches = _micro_batches(dpo, self.rank, self.step, TRAIN)
             benign_batches = _micro_batches(dpo, self.rank, self.step, BENIGN) if dpo.preserve_weight else None
             started = time.perf_counter()
+            early: list[dict[str, float]] = []
             try:
                 while self.step < dpo.max_steps:
                     metrics = self.train_step(batches, benign_batches)
                     log.add(self.step, metrics)
+                    if self.resumed == 0 and self.step <= CALIBRATION_STEPS:
+                        early.append(metrics)
+                        if self.step == min(CALIBRATION_STEPS, dpo.max_steps) and self.rank == 0:
+                            self.check_beta(early)
                     if self.step % self.config.experts.checkpoint_every == 0 or self.step == dpo.max_steps:
                         log.flush()
                         if self.step == dpo.max_steps and self.rank == 0:
