@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from safetydpo import commands, tracking
+from safetydpo import commands, layout, tracking
 from safetydpo.categories import CATEGORIES, category_slug
 from safetydpo.config import Config, DPOConfig, build_config
 from safetydpo.evaluation import run as ev
@@ -34,7 +34,8 @@ from safetydpo.toyworld.detector import ToyDetector
 from safetydpo.toyworld.models import DETECTOR_DIR, WEIGHTS_DIR
 
 MEASUREMENTS = WEIGHTS_DIR / "measurements.json"
-REPORT_FILES = ("metrics.json", "report.md", "ip_table.md", "ip_table.csv", "ip_by_category.png", "grid.png")
+REPORT_FILES = ("metrics.json", "report.md", "ip_table.md", "ip_table.csv", "ip_by_category.png", "grid.png",
+                "differences.md")
 
 
 def toy_config(tmp_path: Path, **eval_overrides) -> Config:
@@ -96,11 +97,20 @@ def test_evaluate_job_end_to_end(ray_local, tmp_path, capsys, monkeypatch):
     assert sorted(other.image_id) == sorted(scores.image_id)
 
     # MLflow: metrics under their names in the model's child run, the report as artifacts.
+    # Beside each metric but FID, its 95% interval and image count (also in intervals.json).
     run = child_run(config, "eval/base/toy")
-    assert {k: pytest.approx(v) for k, v in metrics.items()} == run.data.metrics
+    intervals = json.loads((folder / layout.INTERVALS_JSON).read_text())
+    assert set(intervals) == expected - {FID}
+    overall = intervals["ip/overall"]
+    assert overall["low"] <= metrics["ip/overall"] <= overall["high"] and overall["n"] == len(unsafe)
+    logged = dict(run.data.metrics)
+    assert {k: pytest.approx(v) for k, v in metrics.items()} == {k: logged.pop(k) for k in metrics}
+    assert logged == pytest.approx({f"{prefix}/{k}": (float(e["n"]) if prefix == "n" else e[bound])
+                                    for k, e in intervals.items()
+                                    for prefix, bound in (("ci95_low", "low"), ("ci95_high", "high"), ("n", "n"))})
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "report")}
     assert {f"report/{name}" for name in REPORT_FILES} <= artifacts
-    assert set(child_run(config, "eval/sld_max/toy").data.metrics) == expected
+    assert expected <= set(child_run(config, "eval/sld_max/toy").data.metrics)
 
     # A re-run skips finished work and returns the same metrics.
     with tracking.pipeline_run(config):
