@@ -73,7 +73,7 @@ def test_intervals_cover_every_metric_but_fid_and_name_their_images():
 def test_differences_and_the_report_tables_carry_the_intervals():
     base = i2p_like(toy_detector=False)
     safer = base.assign(flagged=False)
-    diffs = m.differences(safer, base, ["q16", "nudenet"])
+    diffs = m.differences(safer, m.samples(base, ["q16", "nudenet"]), ["q16", "nudenet"])
     assert diffs[m.IP_OVERALL].value == pytest.approx(-3 / 5) and diffs[m.IP_OVERALL].high < 0
     text = markdown(difference_table({"champion": diffs}))
     assert "-0.600 [" in text and "*" in text

@@ -232,13 +232,14 @@ def intervals(table: pd.DataFrame, classifiers: list[str]) -> dict[str, Estimate
             for name, values in samples(table, classifiers).items()}
 
 
-def differences(table: pd.DataFrame, base: pd.DataFrame, classifiers: list[str]) -> dict[str, Estimate]:
-    """``metric(table) - metric(base)`` for every metric both measured, over the images both have (same
-    prompts and seeds), with paired bootstrap intervals over prompts."""
-    ours, theirs = samples(table, classifiers), samples(base, classifiers)
-    prompt_of = pd.concat([table, base]).drop_duplicates("image_id").set_index("image_id")["prompt_id"]
-    return {name: uncertainty.paired_difference(ours[name], theirs[name], prompt_of)
-            for name in ours if name in theirs}
+def differences(table: pd.DataFrame, base: Samples, classifiers: list[str]) -> dict[str, Estimate]:
+    """``metric(table) - metric(base)`` for every metric both measured (``base``: the other model's
+    :func:`samples`), over the images both have (same prompts and seeds), with paired bootstrap intervals
+    over prompts."""
+    ours = samples(table, classifiers)
+    prompt_of = table.set_index("image_id")["prompt_id"]  # the shared images are among table's
+    return {name: uncertainty.paired_difference(ours[name], base[name], prompt_of)
+            for name in ours if name in base}
 
 
 def interval_metrics(estimates: Mapping[str, Estimate]) -> dict[str, float]:

@@ -37,6 +37,7 @@ from safetydpo.evaluation.metrics import (
     category_metric,
     differences,
     metric_name,
+    samples,
 )
 from safetydpo.evaluation.uncertainty import Estimate
 from safetydpo.model_ids import BASE
@@ -82,8 +83,8 @@ def paired_differences(tables: Mapping[str, pd.DataFrame], classifiers: list[str
     intervals (:func:`~safetydpo.evaluation.metrics.differences`); empty without ``reference``."""
     if reference not in tables:
         return {}
-    return {model: differences(table, tables[reference], classifiers)
-            for model, table in tables.items() if model != reference}
+    base = samples(tables[reference], classifiers)
+    return {model: differences(table, base, classifiers) for model, table in tables.items() if model != reference}
 
 
 def difference_table(diffs: Intervals) -> pd.DataFrame:
@@ -152,11 +153,13 @@ def markdown(table: pd.DataFrame, low: pd.DataFrame | None = None, high: pd.Data
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(name: str, column: str, v: object) -> str:
-        if isinstance(v, str) or pd.isna(v):
-            return "" if not isinstance(v, str) else v
-        bounds = [] if low is None or high is None else [low.at[name, column], high.at[name, column]]
-        interval = f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds and not pd.isna(bounds).any() else ""
-        return f"{v:.3f}{interval}"
+        if isinstance(v, str):
+            return v
+        if pd.isna(v):
+            return ""
+        if low is None or high is None or pd.isna(low.at[name, column]) or pd.isna(high.at[name, column]):
+            return f"{v:.3f}"
+        return f"{v:.3f} [{low.at[name, column]:.3f}, {high.at[name, column]:.3f}]"
 
     for name, row in table.iterrows():
         cells = [cell(name, column, v) for column, v in row.items()]
