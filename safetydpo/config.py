@@ -473,23 +473,50 @@ def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | None
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+EXTENDS = "extends"  # a config's key naming the config it changes, as a path relative to its own folder
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied section by section; a list or scalar replaces the base's value."""
+    out = dict(base)
+    for key, value in changes.items():
+        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_sections else value
+    return out
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a dict, with the configs it ``extends`` applied beneath it."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping, got {type(tree).__name__}")
+    parent = tree.pop(EXTENDS, None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"config {path}: {EXTENDS} must be a config's path, got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in chain + (path.resolve(),):
+        raise ConfigError(f"config {path}: {EXTENDS}: {parent} leads back to itself")
+    return _merged(_read_tree(parent_path, chain + (path.resolve(),)), tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (YAML; None = all defaults) and apply ``key.sub=value`` overrides."""
-    tree: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read config {path}: {err}") from err
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config {path} is not valid YAML: {err}") from err
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config {path}: top level must be a mapping, got {type(tree).__name__}")
-    return build_config(tree, overrides, source)
+    """Load ``path`` (YAML; None = all defaults) and apply ``key.sub=value`` overrides.
+
+    A config may start with ``extends: <other config>`` (a preset): it then holds only what it changes;
+    sections merge key by key, lists and scalars replace.
+    """
+    if path is None:
+        return build_config({}, overrides, "<defaults>")
+    return build_config(_read_tree(Path(path)), overrides, str(path))
 
 
 def dump_config(config: Config) -> str:

@@ -98,3 +98,25 @@ def test_every_key_is_documented_once_in_the_readme_reference() -> None:
     readme = config_reference.README.read_text()
     assert config_reference.readme_section(readme) == config_reference.reference(), \
         "README's config reference is stale: python -m safetydpo.config_reference --update"
+
+
+def test_a_preset_extends_a_config_and_holds_only_what_it_changes(tmp_path: Path) -> None:
+    (tmp_path / "presets").mkdir()
+    preset = tmp_path / "presets" / "paper.yaml"
+    preset.write_text(f"extends: {TOY.resolve()}\nname: paper\ndpo:\n  anchor_weight: 0.0\n"
+                      "  lora_targets: [to_k]\n")
+    toy, paper = load_config(TOY), load_config(preset, ["dpo.beta=50"])
+    assert paper.name == "paper" and paper.dpo.anchor_weight == 0.0 and paper.dpo.beta == 50.0
+    assert paper.dpo.lora_targets == ["to_k"]  # a list replaces, it does not extend
+    # every other key, in the changed section too, is the extended config's
+    assert paper.dpo.preserve_weight == toy.dpo.preserve_weight and paper.data == toy.data
+    relative = tmp_path / "presets" / "relative.yaml"
+    relative.write_text("extends: paper.yaml\nrun_root: runs/relative\n")
+    assert load_config(relative).dpo.anchor_weight == 0.0
+
+
+def test_a_preset_cycle_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(tmp_path / "a.yaml")
