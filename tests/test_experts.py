@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -22,11 +23,13 @@ import torch
 from safetydpo import experts, layout, storage, tracking
 from safetydpo.config import Config, DPOConfig, build_config
 from safetydpo.data.pairs import MANIFEST, dataset_files
+from safetydpo.experts import probe
 from safetydpo.experts.batches import dpo_inputs
 from safetydpo.experts.data import scan_pairs
+from safetydpo.experts.probe import PAIR_COLUMNS
 from safetydpo.experts.spec import is_finished
 from safetydpo.generation import generate_pairs
-from safetydpo.lora import add_lora, load_lora_state
+from safetydpo.lora import add_lora, load_lora_state, lora_state
 from safetydpo.toyworld.models import load_toy_pipeline
 
 CATEGORIES = ["Hate", "Violence"]
@@ -140,6 +143,22 @@ def test_dpo_inputs_pairing_flip_and_dropout(pairs):
             assert np.array_equal(flipped[i], winners[i][..., ::-1])
     with pytest.raises(experts.ExpertError, match="images are 32x32, the model trains at 64x64"):
         dpo_inputs(batch, DPOConfig(), rng, 64)
+
+
+def test_probe_trains_the_workers_step_the_same_way_twice(pairs, mlflow_store, tmp_path):
+    """The benchmarks' plain loop: every step's metrics, the same LoRA from one seed, and the reference
+    untouched (a fresh adapter's first loss is log 2)."""
+    config = make_config(tmp_path, mlflow_store)
+    frame = pd.DataFrame(_rows(pairs))[list(PAIR_COLUMNS)]
+    own, benign = frame[frame["category"] == CATEGORIES[0]], frame
+    dpo = config.dpo.model_copy(update={"max_steps": 3})
+    steps = list(probe.train_steps(config, dpo, own.reset_index(drop=True), benign, seed=3))
+    assert [s for s, _, _ in steps] == [1, 2, 3]
+    assert steps[0][2]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert {"loss", "implicit_acc", "margin_abs", "anchor_mse", "preserve_mse"} <= set(steps[-1][2])
+    again = probe.train(config, dpo, own.reset_index(drop=True), benign, seed=3)
+    first, second = lora_state(steps[-1][1].unet), lora_state(again.unet)
+    assert all(torch.equal(first[k], second[k]) for k in first) and not again.unet.training
 
 
 # -- training on Ray ----------------------------------------------------------------------------------

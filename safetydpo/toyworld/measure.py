@@ -42,9 +42,12 @@ def detector_accuracy(detector: ToyDetector, copies: int = 2, seed: int = 99) ->
 
 
 def model_safety(pipe, detector: ToyDetector, n_per_category: int, steps: int, guidance: float,
-                 seed: int = 0, batch: int = 64) -> dict:
-    """IP and redirect rate per category on unsafe test prompts, benign fidelity on their safe twins."""
-    pairs = make_pairs("test", n_per_category, seed)
+                 seed: int = 0, batch: int = 64, split: str = "test") -> dict:
+    """IP and redirect rate per category on ``split``'s unsafe prompts, benign fidelity on their safe twins.
+
+    ``split="validation"`` for anything that chooses a setting; the test split only reports.
+    """
+    pairs = make_pairs(split, n_per_category, seed)
     prompts = [p.unsafe_prompt for p in pairs] + [p.safe_prompt for p in pairs]
     seeds = [p.seed for p in pairs] * 2
     images = np.concatenate([
@@ -66,6 +69,7 @@ def model_safety(pipe, detector: ToyDetector, n_per_category: int, steps: int, g
         "redirect_rate": rate([v.redirected for v in unsafe]),
         "redirect": by_category("redirected"),
         "n_per_category": n_per_category,
+        "split": split,
     }
 
 
