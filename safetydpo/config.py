@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from safetydpo.categories import CATEGORIES, normalize_category
 
+REGISTERED_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"  # a registered model name or alias the API can carry
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TOY_MODEL = "toy"  # the shipped toy-world pipeline, see safetydpo/toyworld
 
@@ -341,12 +343,14 @@ class ServeConfig(Section):
     """HTTP port"""
     lora_path: str | None = None
     """The "merged" adapter; None: the registered champion, else the run root's best merge"""
-    mlflow_model: str | None = None
+    mlflow_model: str | None = Field(None, pattern=f"^{REGISTERED_NAME}[@/]{REGISTERED_NAME}$")
     """NAME@ALIAS or NAME/VERSION of a registered LoRA"""
     api_key_env: str = "SAFETYDPO_API_KEY"
-    """Variable holding the endpoint key; no key check when it is unset"""
+    """Variable holding the endpoint key (>= 32 characters); unset: anonymous, on loopback or allow_anonymous only"""
     base_key_env: str = "SAFETYDPO_BASE_KEY"
-    """Variable holding the key that unlocks the unaligned "base" model"""
+    """Variable holding the operator key (>= 32 characters): base, experts and other registered LoRAs"""
+    allow_anonymous: bool = False
+    """Serve without an endpoint key on a non-loopback host (the aligned models only)"""
     num_replicas: int | Literal["auto"] = 1
     """Model replicas, or auto (autoscaling between min_replicas and max_replicas)"""
     min_replicas: int = Field(1, ge=0)
@@ -375,6 +379,21 @@ class ServeConfig(Section):
     """Denoising steps a request may ask for"""
     max_guidance_scale: float = Field(20.0, gt=0.0)
     """Guidance scale a request may ask for"""
+    max_body_bytes: int = Field(65536, ge=1024)
+    """Request body size; larger bodies answer 413 before they are parsed"""
+    request_timeout_s: float = Field(120.0, gt=0.0)
+    """A request not answered within this (queued or rendering) answers 503 with Retry-After"""
+    max_pending_cost: float = Field(2000.0, gt=0.0)
+    """Work the endpoint admits at once, in image-steps at the native size (n x steps x pixels / native
+    pixels summed over requests in flight); beyond it a request answers 429 with Retry-After"""
+    steps_grid: int = Field(5, ge=1)
+    """Requested denoising steps are rounded to a multiple of this, so near-equal requests batch together"""
+    guidance_grid: float = Field(0.5, gt=0.0)
+    """Requested guidance scales are rounded to a multiple of this"""
+    adapter_cache_mb: float = Field(1024.0, gt=0.0)
+    """Registry LoRA files a replica keeps on disk (least recently used deleted first)"""
+    render_timeout_s: float = Field(300.0, gt=0.0)
+    """A render running longer than this fails the replica's health check, so Serve replaces it"""
 
     @property
     def url(self) -> str:
@@ -389,8 +408,8 @@ class TrackingConfig(Section):
     """MLflow tracking URI; None: $MLFLOW_TRACKING_URI, the local cluster's server, else sqlite under run_root"""
     experiment: str = "safetydpo"
     """MLflow experiment of the pipeline's runs"""
-    registered_model: str = "safetydpo-safety-lora"
-    """Model Registry name of the champion LoRA"""
+    registered_model: str = Field("safetydpo-safety-lora", pattern=f"^{REGISTERED_NAME}$")
+    """Model Registry name of the champion LoRA (letters, digits, . _ -: it travels in ids and headers)"""
 
 
 class Config(Section):

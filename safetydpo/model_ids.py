@@ -24,13 +24,14 @@ Resolving touches only the run root (does the file exist?); registry LoRAs are f
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetydpo import layout, storage
 from safetydpo.categories import ALL, CATEGORIES, category_slug, normalize_category
-from safetydpo.config import Config
+from safetydpo.config import REGISTERED_NAME, Config
 
 BASE = "base"
 CHAMPION = "champion"  # the merge search's winner: merged/champion/ and the registry alias
@@ -38,7 +39,7 @@ MERGED = "merged"
 NEGATIVE_PROMPT = "negative_prompt"
 NEGATIVE_PROMPT_TEXT = ", ".join(CATEGORIES)  # the negative-prompt baseline: the 7 category names
 SLD_PRESETS = ("medium", "strong", "max")
-_MLFLOW_REF = re.compile(r"^mlflow:(?P<name>[^/\s:@]+)/(?P<ref>[^/\s:@]+)$")
+_MLFLOW_REF = re.compile(f"^mlflow:(?P<name>{REGISTERED_NAME})/(?P<ref>{REGISTERED_NAME})$")
 _MISSING = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # registry: no such model/version/alias
 
 
@@ -47,7 +48,14 @@ class ModelIdError(ValueError):
 
 
 class ModelUnavailable(LookupError):
-    """A well-formed model id with nothing behind it; the message says what is missing and what to run."""
+    """A well-formed model id with nothing behind it; the message says what is missing and what to run.
+
+    ``public`` is the same without paths or the run root, for callers outside the cluster (Serve's clients).
+    """
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message
 
 
 class NotMergedYet(ModelUnavailable):
@@ -176,19 +184,22 @@ class ModelCatalog:
             path = layout.lora_file(layout.expert_dir(self.run_root, slug))
             if not storage.exists(path):
                 what = "all" if slug == ALL else repr(normalize_category(slug.replace("_", " ")))
-                raise ModelUnavailable(f"no trained expert {what} under {self.run_root} (no {path}): "
-                                       "run the experts stage (jobs/train_experts.py)")
+                todo = "run the experts stage (jobs/train_experts.py)"
+                raise ModelUnavailable(f"no trained expert {what} under {self.run_root} (no {path}): {todo}",
+                                       public=f"no trained expert {what}: {todo}")
             return ModelRef(model_id, f"expert_{slug}", lora=path)
         if model == CHAMPION:
             source = self.champion()
             if source is None:
-                raise ModelUnavailable(f"no champion merge yet under {self.run_root} or in the registry: run the "
-                                       "merge search (jobs/tune_merge.py or jobs/pipeline.py)")
+                todo = "run the merge search (jobs/tune_merge.py or jobs/pipeline.py)"
+                raise ModelUnavailable(f"no champion merge yet under {self.run_root} or in the registry: {todo}",
+                                       public=f"no champion merge yet: {todo}")
             return ModelRef(CHAMPION, CHAMPION, lora=source)
         if kind == MERGED and arg:
             path = layout.lora_file(layout.merged_dir(self.run_root, arg))
             if not storage.exists(path):
-                raise ModelUnavailable(f"no merge {arg!r} under {self.run_root} (no {path}): run the merge stage")
+                raise ModelUnavailable(f"no merge {arg!r} under {self.run_root} (no {path}): run the merge stage",
+                                       public=f"no merge {arg!r}: run the merge stage")
             return ModelRef(model, f"merged_{arg}", lora=path)
         if model == MERGED:
             source = self.merged()
@@ -246,31 +257,54 @@ class ModelCatalog:
                 raise ModelUnavailable(f"{uri}: not in the model registry") from None
             raise
 
+    def registry_file(self, source: str) -> str:
+        """The artifact URI of the LoRA file behind a ``models:/`` (alias resolved to its version now) or
+        ``runs:/`` URI."""
+        import mlflow
+
+        uri = source
+        if source.startswith("models:/"):
+            version = self.check_registered(source)
+            client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            uri = client.get_model_version_download_uri(version.name, version.version)
+        uri = uri.rstrip("/")
+        return uri if uri.endswith("/" + layout.LORA_WEIGHTS) else f"{uri}/{layout.LORA_WEIGHTS}"
+
     def local_lora(self, source: str, cache_dir: str | None = None) -> str:
-        """A local LoRA file for ``source``: downloaded from MLflow or a remote run root when need be."""
+        """A local LoRA file for ``source``: the file itself, or a copy of only the LoRA file of a registry
+        version or remote run root, under ``cache_dir/<fingerprint of its location>/`` (reused when there,
+        written atomically; a new temporary folder when ``cache_dir`` is None)."""
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        if _is_registry(source):
-            uri = source
-            if source.startswith("models:/"):
-                version = self.check_registered(source)
-                client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-                uri = client.get_model_version_download_uri(version.name, version.version)
+        if not (_is_registry(source) or storage.is_remote(source)):
+            if not Path(source).is_file():
+                raise ModelUnavailable(f"LoRA file {source} does not exist", public="its LoRA file does not exist")
+            return source
+        location = self.registry_file(source) if _is_registry(source) else source
+        folder = Path(cache_dir or tempfile.mkdtemp(prefix="lora-")) / storage.fingerprint(location, length=16)
+        target = folder / layout.LORA_WEIGHTS
+        if target.is_file():
+            return str(target)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+        try:
+            if _is_registry(source):
+                try:
+                    fetched = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(partial),
+                                                                  tracking_uri=self.tracking_uri)
+                except (MlflowException, OSError) as err:
+                    raise ModelUnavailable(f"{source}: no {layout.LORA_WEIGHTS} at {location}: {err}",
+                                           public=f"the registered LoRA's {layout.LORA_WEIGHTS} cannot be "
+                                                  "fetched") from None
+                Path(fetched).replace(partial / layout.LORA_WEIGHTS)
+            else:
+                (partial / layout.LORA_WEIGHTS).write_bytes(storage.read_bytes(source))
             try:
-                local = Path(mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="lora-", dir=cache_dir),
-                    tracking_uri=self.tracking_uri))
-            except MlflowException as err:
-                raise ModelUnavailable(f"{source}: {err.message}") from None
-            found = [local] if local.is_file() else sorted(local.rglob(layout.LORA_WEIGHTS))
-            if not found:
-                raise ModelUnavailable(f"{source}: the MLflow artifacts hold no {layout.LORA_WEIGHTS}")
-            return str(found[0])
-        if storage.is_remote(source):
-            local_file = Path(tempfile.mkdtemp(prefix="lora-", dir=cache_dir)) / layout.LORA_WEIGHTS
-            storage.write_bytes(str(local_file), storage.read_bytes(source))
-            return str(local_file)
-        if not Path(source).is_file():
-            raise ModelUnavailable(f"LoRA file {source} does not exist")
-        return source
+                partial.replace(folder)
+            except OSError:  # another loader finished first: use its copy
+                if not target.is_file():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        return str(target)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from safetydpo import storage
-from safetydpo.config import PROJECT_ROOT, Config, dump_config
+from safetydpo.config import PROJECT_ROOT, REGISTERED_NAME, Config, dump_config
 
 PARENT_ENV = "SAFETYDPO_PARENT_RUN_ID"
 STAGE_TAG = "safetydpo.stage"
@@ -193,8 +194,13 @@ def register_lora(run_id: str, artifact_path: str, name: str, alias: str, tags: 
     ``name`` (created if new), point ``alias`` at it and tag it with its lineage; returns the version.
 
     A version is created from the artifact location (MLflow 3's ``register_model`` of a ``runs:/`` URI
-    looks for a logged model, and a LoRA folder is plain artifacts).
+    looks for a logged model, and a LoRA folder is plain artifacts). A name or alias that Serve's model
+    ids and headers cannot carry is refused here, before anything is registered.
     """
+    for what, value in (("registered model name", name), ("alias", alias)):
+        if not re.fullmatch(REGISTERED_NAME, value):
+            raise ValueError(f"{what} {value!r}: use letters, digits, '.', '_' and '-' (at most 128), "
+                             "starting with a letter or digit")
     client = mlflow.MlflowClient()
     with contextlib.suppress(MlflowException):  # exists already
         client.create_registered_model(name)

@@ -1,13 +1,20 @@
-"""The HTTP API's request and response models, with bounds taken from the config and the model.
+"""The HTTP API's request and response models, OpenAI's images API plus this project's fields, with
+bounds taken from the config and the model.
 
-Bounds are enforced by pydantic, so a bad request answers 422 naming the field and the reason
-before any work reaches the model. The request model is built per deployment
-(:func:`request_model`) because its bounds (token budget, sizes) depend on the served model;
-FastAPI then publishes them in the OpenAPI schema at ``/docs``.
+A request is what an OpenAI images client sends (``prompt``, ``n``, ``size`` "WxH", ``response_format``,
+``model``, ``user``) plus ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``seed``,
+``width`` and ``height``. Fields this API does not know are ignored (the response names them in a
+``Warning`` header). Bounds are enforced by pydantic, so a bad request answers 400 naming the field before
+any work reaches the model; in-range settings are then snapped to a grid (sizes to multiples of
+:data:`SIZE_STEP`, steps to ``serve.steps_grid``, guidance to ``serve.guidance_grid``) so near-identical
+requests share a pipeline call, and the response says what was used. The request model is built per
+deployment (:func:`request_model`) because its bounds depend on the served model; FastAPI publishes them
+in the OpenAPI schema at ``/docs``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Literal
 
@@ -15,18 +22,20 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from safetydpo.config import Config
-from safetydpo.model_ids import BASE, MERGED, ModelIdError, expert_id, mlflow_uri
+from safetydpo.model_ids import BASE, CHAMPION, MERGED, ModelIdError, expert_id, mlflow_uri
 from safetydpo.pipelines import model_path
 
 MAX_SEED = 2**31 - 1  # image i of a request is drawn from seed + i, so keep room below 2**63
 SIZE_STEP = 8  # the VAE downsamples by 8 on Stable Diffusion (4 on the toy model)
-MODEL_HELP = "merged (default), base (needs the base key), expert:<category>, mlflow:<name>/<version|alias>"
+MODEL_HELP = ("merged (default) or champion; with the operator key also base, expert:<category> and "
+              "mlflow:<name>/<version|alias>")
+_SIZE = r"^[0-9]{1,5}x[0-9]{1,5}$"
 
 
 def canonical_model_id(model: str) -> str:
-    """What the API serves: ``merged``, ``base``, ``expert:<slug>`` (category in any spelling) or
-    ``mlflow:<name>/<ref>``; the ids evaluation knows besides (paths, SLD...) are not served."""
-    if model in (MERGED, BASE):
+    """What the API serves: ``merged``, ``champion``, ``base``, ``expert:<slug>`` (category in any spelling)
+    or ``mlflow:<name>/<ref>``; the ids evaluation knows besides (paths, SLD...) are not served."""
+    if model in (MERGED, CHAMPION, BASE):
         return model
     kind, _, rest = model.partition(":")
     if kind == "expert" and rest:
@@ -35,7 +44,7 @@ def canonical_model_id(model: str) -> str:
         mlflow_uri(model)  # checks the form
         return model
     raise ModelIdError(
-        f"unknown model {model[:80]!r}; expected {MERGED!r}, {BASE!r}, 'expert:<category>' "
+        f"unknown model {model[:80]!r}; expected {MERGED!r}, {CHAMPION!r}, {BASE!r}, 'expert:<category>' "
         "or 'mlflow:<registered name>/<version or alias>'"
     )
 
@@ -55,6 +64,8 @@ class Limits(BaseModel):
     default_steps: int
     default_guidance_scale: float
     default_negative_prompt: str | None = None
+    steps_grid: int = 1
+    guidance_grid: float = 0.0  # 0: not snapped
 
     @property
     def max_prompt_chars(self) -> int:
@@ -79,7 +90,26 @@ class Limits(BaseModel):
             default_steps=min(config.generation.num_inference_steps, config.serve.max_steps),
             default_guidance_scale=min(config.generation.guidance_scale, config.serve.max_guidance_scale),
             default_negative_prompt=config.generation.negative_prompt,
+            steps_grid=config.serve.steps_grid,
+            guidance_grid=config.serve.guidance_grid,
         )
+
+    def snap(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its size, steps and guidance on the grid (within the bounds it passed)."""
+        def nearest(value: float, step: float, low: float, high: float) -> float:
+            return min(max(round(value / step) * step, low), high) if step else value
+
+        steps = request.num_inference_steps
+        if steps > self.steps_grid:
+            top = self.max_steps // self.steps_grid * self.steps_grid or self.max_steps
+            steps = int(nearest(steps, self.steps_grid, self.steps_grid, top))
+        return request.model_copy(update={
+            "width": int(nearest(request.width, SIZE_STEP, self.min_size, self.max_size)),
+            "height": int(nearest(request.height, SIZE_STEP, self.min_size, self.max_size)),
+            "num_inference_steps": steps,
+            "guidance_scale": round(nearest(request.guidance_scale, self.guidance_grid, 0.0,
+                                            self.max_guidance_scale), 6),
+        })
 
 
 def native_resolution(config: Config) -> int:
@@ -90,28 +120,45 @@ def native_resolution(config: Config) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class GenerationRequest(BaseModel):
+    """Body of ``POST /v1/images/generations``; :func:`request_model` adds the deployment's bounds.
 
+    Unknown fields are kept aside (``model_extra``) and reported, not refused: OpenAI clients send
+    fields of other vendors' models (``quality``, ``style``...).
+    """
 
-class GenerationRequest(_Strict):
-    """Body of ``POST /v1/images/generations``; :func:`request_model` adds the deployment's bounds."""
+    model_config = ConfigDict(extra="allow", strict=True)
 
     prompt: str
     negative_prompt: str | None = None
     model: str = MERGED
     n: int = 1
+    size: str | None = Field(None, pattern=_SIZE, description="WIDTHxHEIGHT in pixels (OpenAI's form)")
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
     width: int | None = None
     height: int | None = None
-    response_format: Literal["png", "b64_json"]
+    response_format: Literal["b64_json", "png"] = "b64_json"
+    user: str | None = Field(None, max_length=256)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, model: str) -> str:
         return canonical_model_id(model)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_sets_width_and_height(cls, data: object) -> object:
+        """OpenAI's ``size`` "WxH" fills ``width`` and ``height``; given both ways, they must agree."""
+        size = data.get("size") if isinstance(data, dict) else None
+        if not isinstance(size, str) or not re.fullmatch(_SIZE, size):
+            return data  # no size, or a bad one: the field's own pattern names it
+        width, height = (int(v) for v in size.split("x"))
+        for field, value in (("width", width), ("height", height)):
+            if data.get(field) not in (None, value):
+                raise ValueError(f"size {size} disagrees with {field} {data[field]!r}: send one of them")
+        return {**data, "width": width, "height": height}
 
     @model_validator(mode="after")
     def _png_is_one_image(self) -> GenerationRequest:
@@ -119,11 +166,16 @@ class GenerationRequest(_Strict):
             raise ValueError("response_format 'png' returns one image; ask n=1 or use 'b64_json'")
         return self
 
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
 
 def request_model(limits: Limits, count_tokens: Callable[[str], int]) -> type[GenerationRequest]:
     """The request model of one deployment: ``limits`` as field bounds, token counts by its tokenizer."""
     chars, tokens = limits.max_prompt_chars, limits.max_prompt_tokens
-    size = {"ge": limits.min_size, "le": limits.max_size, "multiple_of": SIZE_STEP}
+    size = {"ge": limits.min_size, "le": limits.max_size,
+            "description": f"pixels, rounded to a multiple of {SIZE_STEP}"}
 
     def fits_text_encoder(cls: type, text: str | None) -> str | None:
         if text is not None and (counted := count_tokens(text)) > tokens:
@@ -138,9 +190,11 @@ def request_model(limits: Limits, count_tokens: Callable[[str], int]) -> type[Ge
         negative_prompt=(str | None, Field(limits.default_negative_prompt, max_length=chars)),
         model=(str, Field(MERGED, max_length=256, description=MODEL_HELP)),
         n=(int, Field(1, ge=1, le=limits.max_images, description="images; image i uses seed + i")),
-        num_inference_steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps)),
+        num_inference_steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps,
+                                        description=f"above {limits.steps_grid}, rounded to a multiple of it")),
         guidance_scale=(float, Field(limits.default_guidance_scale, ge=0.0, le=limits.max_guidance_scale,
-                                     allow_inf_nan=False)),
+                                     allow_inf_nan=False,
+                                     description=f"rounded to a multiple of {limits.guidance_grid}")),
         seed=(int | None, Field(None, ge=0, le=MAX_SEED, description="random when left out")),
         width=(int, Field(limits.native_size, **size)),
         height=(int, Field(limits.native_size, **size)),
@@ -153,8 +207,14 @@ class ImageData(BaseModel):
 
 
 class GenerationResponse(BaseModel):
+    """OpenAI's images response (``created``, ``data``) plus what was rendered and how."""
+
+    created: int  # Unix seconds
     data: list[ImageData]
     model: str
+    size: str  # WxH actually rendered (after snapping)
+    num_inference_steps: int
+    guidance_scale: float
     latency_ms: float  # time spent in the server, from validated request to encoded images
 
 
@@ -165,13 +225,9 @@ class ModelCard(BaseModel):
     ready: bool = True  # False: listed so clients see it is coming, but requests answer 503 (see ``detail``)
     detail: str | None = None  # why a model is not ready and what to run
     metrics: dict[str, float] | None = None  # eval/<model>/<benchmark>/metrics.json: ip/overall, ip/<slug>...
+    baseline: dict[str, float] | None = None  # the base model's figures on the same benchmark, to compare
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-def error_detail(field: str, message: str, kind: str = "value_error") -> list[dict]:
-    """The 422 body shape FastAPI uses, for checks that run after pydantic (model availability)."""
-    return [{"loc": ["body", field], "msg": message, "type": kind}]

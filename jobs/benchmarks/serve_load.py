@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     config = cli.load(p, args)
     lora = ModelCatalog.from_config(config).merged()
-    model, key = ("merged", None) if lora else ("base", secrets.token_hex(8))
+    model, key = ("merged", None) if lora else ("base", secrets.token_hex(32))
     if key:
         os.environ[config.serve.base_key_env] = key
     os.environ.pop(config.serve.api_key_env, None)
