@@ -120,3 +120,14 @@ def test_a_preset_cycle_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="leads back to itself"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_the_paper_preset_is_the_toy_config_with_the_paper_objective_only() -> None:
+    toy = load_config(PROJECT_ROOT / "jobs" / "configs" / "toy.yaml")
+    paper = load_config(PROJECT_ROOT / "jobs" / "configs" / "toy_paper.yaml")
+    assert (paper.dpo.anchor_weight, paper.dpo.preserve_weight, paper.dpo.sft_weight) == (0.0, 0.0, 0.0)
+    assert (paper.dpo.beta, paper.dpo.caption_dropout) == (500.0, 0.2)
+    assert paper.run_root != toy.run_root
+    assert paper.dpo.model_copy(update=toy.dpo.model_dump(include={
+        "beta", "anchor_weight", "preserve_weight", "sft_weight", "caption_dropout"})) == toy.dpo
+    assert paper.experts == toy.experts and paper.merge == toy.merge and paper.eval == toy.eval
