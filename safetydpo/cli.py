@@ -77,10 +77,13 @@ def init_ray(runtime_env: dict[str, Any] | None = None) -> bool:
     os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     # A job log a person can follow: this driver logs Ray Data's progress once a minute; workers (Ray Train's
     # dataset shards, search trials) log neither bars nor Ray Data's per-execution INFO lines, since each
-    # training epoch is one execution and would flood the log. The stages print their own lines.
+    # training epoch is one execution and would flood the log. The stages print their own lines, and the
+    # parent run's MLflow URL is printed once by the pipeline, not by every child run as it ends.
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "1")
     quiet = {name: os.environ.get(name, value)
-             for name, value in (("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("RAY_DATA_LOG_LEVEL", "WARNING"))}
+             for name, value in (("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("RAY_DATA_LOG_LEVEL", "WARNING"),
+                                 ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "1"))}
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
              runtime_env={**(runtime_env or {}), "env_vars": tracking.worker_env() | quiet})
     return True

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from safetydpo import storage
 from safetydpo.config import TOY_MODEL, ModelConfig
@@ -63,8 +66,26 @@ def model_fingerprint(config: ModelConfig) -> str:
     return storage.fingerprint(entries, config.variant)
 
 
+class _UnetOnlyLoraNotice(logging.Filter):
+    """Drops diffusers' warning that a LoRA has no text-encoder weights: this project's LoRAs are UNet-only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No LoRA keys associated to CLIPTextModel" not in record.getMessage()
+
+
+def _quiet_model_loading() -> None:
+    """No per-file progress bars from diffusers and transformers: every Ray worker loads the pipeline, and
+    their bars would bury the job log's own progress lines."""
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    lora_log = logging.getLogger("diffusers.loaders.lora_base")
+    if not any(isinstance(f, _UnetOnlyLoraNotice) for f in lora_log.filters):
+        lora_log.addFilter(_UnetOnlyLoraNotice())
+
+
 def load_pipeline(config: ModelConfig, device: torch.device | None = None) -> DiffusionPipeline:
     """The configured pipeline on ``device`` with the safety checker off (we measure safety ourselves)."""
+    _quiet_model_loading()
     device = device or default_device()
     dtype = resolve_dtype(config.dtype, device)
     kwargs = {"dtype": dtype, "revision": config.revision, "variant": config.variant}
