@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import torch
 from diffusers import StableDiffusionPipeline
@@ -62,6 +63,20 @@ def serve_http(port: int) -> Iterator[str]:
         yield f"http://{HOST}:{port}"
     finally:
         serve.shutdown()
+
+
+@contextmanager
+def deployed(config: Config, api_key: str | None = None, operator_key: str | None = None) -> Iterator[str]:
+    """The application for ``config`` on a fresh loopback port with these keys (None: unset); yields its URL."""
+    with pytest.MonkeyPatch.context() as env:
+        for variable, key in ((config.serve.api_key_env, api_key), (config.serve.base_key_env, operator_key)):
+            if key is None:
+                env.delenv(variable, raising=False)
+            else:
+                env.setenv(variable, key)
+        with serve_http(free_port()) as url:
+            deploy(config)
+            yield url
 
 
 def deploy(config: Config) -> None:

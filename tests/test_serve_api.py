@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 from ray import serve
-from serve_testing import PROMPT, deploy, free_port, generate, image, make_lora, serve_config, serve_http
+from serve_testing import PROMPT, deployed, free_port, generate, image, make_lora, serve_config
 
 from safetydpo import storage
 from safetydpo.config import PROJECT_ROOT, load_config
@@ -60,12 +60,8 @@ def api(ray_local, mlflow_store: str, tmp_path_factory: pytest.TempPathFactory) 
     config = serve_config(root, mlflow_store, max_num_models_per_replica=2, max_images=3)
     config.tracking.registered_model = name  # its champion is public; merged stays the run root's file
     config.serve.lora_path = str(merged)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(config.serve.api_key_env, API_KEY)
-        env.setenv(config.serve.base_key_env, BASE_KEY)
-        with serve_http(free_port()) as url:
-            deploy(config)
-            yield Api(url, merged, name, other)
+    with deployed(config, API_KEY, BASE_KEY) as url:
+        yield Api(url, merged, name, other)
 
 
 def _models(api: Api, key: str) -> dict[str, dict]:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from serve_testing import PROMPT, deploy, free_port, generate, image, make_lora, serve_config, serve_http
+from serve_testing import PROMPT, deployed, generate, image, make_lora, serve_config
 
 BASE_KEY = "fresh-operator-key-" + "k" * 32
 INTERNALS = re.compile(r"ActorID|actor_id|pid=|ip=|Traceback|ray::", re.IGNORECASE)
@@ -19,12 +19,8 @@ def fresh(ray_local, mlflow_store: str, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("serve-fresh") / "run"
     make_lora(root / "experts" / "hate", seed=4)  # experts trained, nothing merged yet
     config = serve_config(root, mlflow_store)
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv(config.serve.api_key_env, raising=False)
-        env.setenv(config.serve.base_key_env, BASE_KEY)
-        with serve_http(free_port()) as url:
-            deploy(config)
-            yield url
+    with deployed(config, operator_key=BASE_KEY) as url:
+        yield url
 
 
 def test_models_list_says_merged_is_not_ready_and_what_to_run(fresh: str) -> None:

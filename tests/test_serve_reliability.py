@@ -30,12 +30,12 @@ from ray import serve
 from serve_testing import (
     PROMPT,
     deploy,
+    deployed,
     free_port,
     generate,
     image,
     make_lora,
     serve_config,
-    serve_http,
 )
 
 from safetydpo import tracking
@@ -81,12 +81,8 @@ def served(ray_local, mlflow_store: str, tmp_path_factory: pytest.TempPathFactor
     config = serve_config(root, mlflow_store, num_replicas=2, max_num_models_per_replica=1,
                           adapter_cache_mb=0.001, lora_path=str(lora))
     config.tracking.registered_model = name
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(config.serve.api_key_env, API_KEY)
-        env.setenv(config.serve.base_key_env, OPERATOR_KEY)
-        with serve_http(free_port()) as url:
-            deploy(config)
-            yield Served(url, config, lora, name)
+    with deployed(config, API_KEY, OPERATOR_KEY) as url:
+        yield Served(url, config, lora, name)
 
 
 @dataclass(frozen=True)
