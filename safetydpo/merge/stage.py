@@ -26,6 +26,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import ray
+import torch
 from matplotlib.figure import Figure
 
 from safetydpo import layout, storage, tracking
@@ -173,6 +174,14 @@ def _as_merged(path: str) -> MergedLora:
     return MergedLora({k: LoraFactors(f.A, f.scale * f.B) for k, f in lora.layers.items()})
 
 
+def _distill_task(config: Config, *args, **kwargs):
+    """:func:`distill` in a Ray task, on as many torch threads as the task has CPUs: a pooled worker keeps the
+    thread count of the process it was started for (often 1); the toy distillation took 473 s as a task
+    against 267 s in the driver before this (2026-12-05)."""
+    torch.set_num_threads(max(1, int(config.distill.num_cpus)))
+    return distill(config, *args, **kwargs)
+
+
 def distill_stage(config: Config) -> dict[str, float]:
     """Refine the search's champion by distillation from the experts into ``merged/distilled/``; it becomes the
     champion (``merged/champion/`` and a new registry version) when it lowers the validation IP within the
@@ -201,7 +210,7 @@ def distill_stage(config: Config) -> dict[str, float]:
         if available.get("CPU", 0.0) < d.num_cpus or available.get("GPU", 0.0) < d.num_gpus:
             logger.warning("merge distill: the cluster has %s, the task needs distill.num_cpus=%s, distill.num_gpus=%s;"
                            " waiting for an autoscaler", available, d.num_cpus, d.num_gpus)
-        remote = ray.remote(num_cpus=d.num_cpus, num_gpus=d.num_gpus)(distill)
+        remote = ray.remote(num_cpus=d.num_cpus, num_gpus=d.num_gpus)(_distill_task)
         merged = ray.get(remote.remote(config, experts, _as_merged(init_lora), steps=d.steps, lr=d.learning_rate,
                                        batch_size=d.batch_size, seed=d.seed))
         seconds = time.perf_counter() - start
