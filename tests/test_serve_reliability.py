@@ -360,7 +360,8 @@ def _wait_for_replicas(count: int, timeout_s: float = 180) -> None:
 def test_a_stuck_render_fails_the_health_check_and_the_replica_is_replaced(served: Served) -> None:
     """With ``serve.render_timeout_s`` below one slow render, Serve's health check replaces the replica; the
     request in flight gets 503 with Retry-After (or its retry's image), never a hang."""
-    strict = served.config.serve.model_copy(update={"render_timeout_s": 0.5, "num_replicas": 1})
+    strict = served.config.serve.model_copy(update={"render_timeout_s": 0.5, "num_replicas": 1,
+                                                    "max_pending_cost": 4000.0})  # all four admitted
     deploy(served.config.model_copy(update={"serve": strict}))
     _wait_for_replicas(1)
     replica = _replica_actors()[0]
