@@ -339,7 +339,7 @@ class Ingress:
                                        metrics=metrics,
                                        baseline=eval_metrics(self.catalog.run_root, self.benchmarks, BASE)))
             candidates = [CHAMPION, *self.catalog.experts(), *sorted(self.registered)]
-            if self.keys.operator and self.keys.is_operator(token):
+            if self.keys.is_operator(token):
                 found.append(ModelCard(id=BASE, requires_key=True,
                                        metrics=eval_metrics(self.catalog.run_root, self.benchmarks, BASE)))
             for model_id in candidates:
