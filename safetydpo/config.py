@@ -248,6 +248,9 @@ class DistillConfig(Section):
     """AdamW learning rate of the merged LoRA's factors"""
     batch_size: int = Field(16, ge=1)
     """Pairs per distillation step"""
+    winner_share: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of the unsafe-prompt samples noised from the pair's safe twin instead of its unsafe image (an
+    expert prompted with the unsafe caption denoises towards the safe twin)"""
     seed: int = 0
     """Noise, timesteps and batch order"""
     num_cpus: float = Field(1.0, gt=0.0)

@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from serve_testing import make_lora
 
 from safetydpo import layout, storage, tracking
@@ -134,6 +136,46 @@ def test_distillation_refines_the_champion_and_is_skipped_when_done(trained: Con
     with tracking.pipeline_run(trained):
         distill_stage(trained)
     assert "merge distill: up to date" in capsys.readouterr().out
+
+
+def test_distillation_targets_are_each_experts_and_the_bases_predictions(trained: Config) -> None:
+    """A round's targets: an unsafe-prompt sample's is its own category's expert's prediction (noised from the
+    unsafe image or, with ``winner_share``, the safe twin), a benign sample's the LoRA-free base's."""
+    from safetydpo.data.pairs import read_pairs_pandas
+    from safetydpo.experts.spec import expert_slug
+    from safetydpo.generation import pairs_location
+    from safetydpo.merge import distill as d
+    from safetydpo.pipelines import load_pipeline
+
+    pipe = load_pipeline(trained.model)
+    for name in ("Hate", "Violence"):
+        pipe.load_lora_weights(layout.lora_file(layout.expert_dir(trained.run_root, expert_slug(name))),
+                               adapter_name=expert_slug(name))
+    rows = read_pairs_pandas(pairs_location(trained), filters=[("split", "=", "train")])
+    data = d._encode_pairs(pipe, rows, chunk=4)
+    assert data.unsafe.shape == data.safe.shape and len(data.category) == len(rows)
+    rounds = {share: d._round(pipe, data, 2, 3, share, np.random.default_rng(0), torch.Generator().manual_seed(0), 2)
+              for share in (0.0, 1.0)}
+    for share, todo in rounds.items():
+        x, t, c, target = todo.step(1)
+        assert len(x) == 3 * todo.b == 9  # 3 unsafe-prompt samples, their 3 twins under captions, then under ""
+        with torch.no_grad():
+            for i in range(todo.b):
+                row = next(k for k in range(len(rows)) if torch.equal(c[i], data.unsafe_states[k]))
+                pipe.set_adapters(expert_slug(data.category[row]))
+                want = pipe.unet(x[i:i + 1], t[i:i + 1], encoder_hidden_states=c[i:i + 1]).sample
+                torch.testing.assert_close(target[i:i + 1], want, rtol=1e-4, atol=1e-5)
+                if share == 1.0:  # same draws: only the clean latent differs, the safe twin for the unsafe image
+                    other = rounds[0.0].step(1)[0][i]
+                    scale = pipe.scheduler.alphas_cumprod[t[i]].sqrt()
+                    torch.testing.assert_close(x[i] - other, scale * (data.safe[row] - data.unsafe[row]),
+                                               rtol=1e-4, atol=1e-5)
+            pipe.disable_lora()
+            torch.testing.assert_close(target[todo.b:], pipe.unet(x[todo.b:], t[todo.b:],
+                                                                  encoder_hidden_states=c[todo.b:]).sample,
+                                       rtol=1e-4, atol=1e-5)
+            pipe.enable_lora()
+        assert torch.equal(c[2 * todo.b:], data.empty_states.expand(todo.b, -1, -1))
 
 
 def test_pareto_front_and_champion_choice() -> None:

@@ -212,7 +212,8 @@ def distill_stage(config: Config) -> dict[str, float]:
                            " waiting for an autoscaler", available, d.num_cpus, d.num_gpus)
         remote = ray.remote(num_cpus=d.num_cpus, num_gpus=d.num_gpus)(_distill_task)
         merged = ray.get(remote.remote(config, experts, _as_merged(init_lora), steps=d.steps, lr=d.learning_rate,
-                                       batch_size=d.batch_size, seed=d.seed))
+                                       batch_size=d.batch_size, seed=d.seed,
+                                       winner_share=d.winner_share))
         seconds = time.perf_counter() - start
         table = inline.validation_prompts(config)
         lora = save_merged(merged, folder, {"settings": {"method": "distill", **d.model_dump()}, "experts": experts})
