@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from safetydpo import commands, layout, tracking
 from safetydpo.categories import CATEGORIES, category_slug
@@ -133,6 +134,33 @@ def test_lora_model_matches_base_image_by_image(ray_local, tmp_path):
     base = read_images(str(base_dir / "images"))
     assert mine.sort_values("image_id")["image"].tolist() == base.sort_values("image_id")["image"].tolist()
     assert metrics == json.loads((base_dir / "metrics.json").read_text())
+
+
+def test_models_rendered_together_match_each_rendered_alone(ray_local, tmp_path):
+    """One renderer pool for several models (a trained LoRA, the base, the negative-prompt baseline) gives each
+    model exactly the images it renders on its own, and each model's rows land in its own folder."""
+    joint = toy_config(tmp_path / "joint", baselines=["base", "negative_prompt"])
+    pipe = load_pipeline(joint.model)
+    add_lora(pipe.unet, DPOConfig())
+    torch.manual_seed(0)
+    for name, param in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    lora = save_lora(pipe.unet, str(tmp_path / "lora"))
+    images = ev.benchmarks.expand_images(ev.load_prompts(joint, "toy"), 1)
+    specs = [ev.resolve_model(joint, m) for m in (lora, "base", "negative_prompt")]
+    together = ev.evaluate_models(joint, specs, "toy", images)
+    for spec in specs:
+        alone_config = toy_config(tmp_path / spec.name, baselines=[])
+        alone = ev.evaluate_models(alone_config, [spec], "toy", images)
+        got = read_images(ev.out_dir(joint, spec, "toy") + "/images").sort_values("image_id")
+        want = read_images(ev.out_dir(alone_config, spec, "toy") + "/images").sort_values("image_id")
+        assert got["image"].tolist() == want["image"].tolist(), spec.name
+        assert together[spec.name].metrics == alone[spec.name].metrics
+    lora_images, base_images = (read_images(ev.out_dir(joint, s, "toy") + "/images").sort_values("image_id")
+                                for s in specs[:2])
+    assert lora_images["image"].tolist() != base_images["image"].tolist()  # the LoRA does change images
+    assert not any((Path(joint.run_root) / ".staging").iterdir())  # Ray's staging folder is gone
 
 
 def test_resolve_model_errors(tmp_path):

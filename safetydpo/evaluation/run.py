@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -132,40 +133,97 @@ def _fingerprint(config: Config, spec: ModelRef, images: pd.DataFrame) -> str:
     )
 
 
-def generate_and_classify(config: Config, spec: ModelRef, images: pd.DataFrame, images_uri: str) -> None:
-    """Render every row of ``images`` with ``spec`` and classify it; Ray writes the rows to ``images_uri``."""
+class ModelsRenderer(PromptRenderer):
+    """:class:`PromptRenderer` for several models in one actor pool: each row's ``model`` column names the model
+    that renders it, whose LoRA (loaded once per actor as a named adapter) and negative prompt apply. Evaluating
+    N models then starts the pool once instead of N times (each start loads the pipeline in a fresh process)."""
+
+    def __init__(self, model: ModelConfig, generation: GenerationConfig, columns: dict[str, str],
+                 models: dict[str, ModelRef]) -> None:
+        super().__init__(model, generation, columns)
+        self.models = models
+        self.adapters: dict[str, str] = {}
+        for i, (name, spec) in enumerate(models.items()):
+            if spec.lora:
+                self.adapters[name] = f"model_{i}"
+                self.pipe.load_lora_weights(spec.lora, adapter_name=self.adapters[name])
+        self.base_generation = generation
+
+    def _use(self, name: str) -> None:
+        if name in self.adapters:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(self.adapters[name])
+        elif self.adapters:
+            self.pipe.disable_lora()
+        negative = self.models[name].negative_prompt
+        self.generation = (self.base_generation.model_copy(update={"negative_prompt": negative}) if negative
+                           else self.base_generation)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = batch["model"]
+        out = {col: np.empty(len(names), dtype=object) for col in self.columns.values()}
+        for name in np.unique(names):
+            rows = np.flatnonzero(names == name)
+            self._use(str(name))
+            part = super().__call__({k: v[rows] for k, v in batch.items()})
+            for col in out:
+                out[col][rows] = part[col]
+        return batch | out
+
+
+def generate_and_classify(config: Config, specs: list[ModelRef], images: pd.DataFrame,
+                          images_uris: dict[str, str]) -> None:
+    """Render every row of ``images`` with each of ``specs`` and classify it; Ray writes each model's rows to
+    ``images_uris[model name]``. Models without an SLD preset share one renderer pool (:class:`ModelsRenderer`);
+    each SLD model renders with its own safe pipeline."""
+    plain = [s for s in specs if not s.sld_preset]
+    groups = [plain] if plain else []
+    groups += [[s] for s in specs if s.sld_preset]
+    for group in groups:
+        _render_group(config, group, images, images_uris)
+
+
+def _render_group(config: Config, specs: list[ModelRef], images: pd.DataFrame, images_uris: dict[str, str]) -> None:
     import ray.data
 
     gen = config.generation
-    if spec.negative_prompt:
-        gen = gen.model_copy(update={"negative_prompt": spec.negative_prompt})
-    renderer: type[PromptRenderer] = PromptRenderer
+    renderer: type[PromptRenderer] = ModelsRenderer
     kwargs: dict[str, Any] = {"model": config.model, "generation": gen, "columns": {"prompt": "image"}}
-    if spec.sld_preset:
+    if specs[0].sld_preset:
         if "xl" in config.model.pretrained.lower():
             raise ValueError(f"SLD baseline: {config.model.pretrained} is SDXL; "
                              "the safe pipeline is SD 1.x/2.x only")
         renderer = SafeLatentRenderer
-        kwargs |= {"preset": spec.sld_preset, "concept": config.eval.sld_concept}
+        kwargs |= {"preset": specs[0].sld_preset, "concept": config.eval.sld_concept}
     else:
-        kwargs["lora_path"] = spec.lora
+        kwargs["models"] = {s.name: s for s in specs}
 
     rows = images[["image_id", "prompt", "seed", "guidance_scale"]].copy()
     rows["guidance_scale"] = rows["guidance_scale"].fillna(gen.guidance_scale)
-    storage.remove_tree(images_uri)
-    # One block per generation batch, so that every actor of the pool gets work.
-    blocks = [rows.iloc[i:i + gen.batch_size] for i in range(0, len(rows), gen.batch_size)]
+    # One block per generation batch and model, and one batch per block (``batch_size=None``): every actor of the
+    # pool gets work, and a model's batches are the same whichever models render beside it (batched kernels
+    # round differently at other batch sizes). Ray writes one folder per model (``part=<i>``), each moved to
+    # its model's place once all are written.
+    blocks = [rows.iloc[i:i + gen.batch_size].assign(model=s.name, part=k)
+              for k, s in enumerate(specs) for i in range(0, len(rows), gen.batch_size)]
+    staging = storage.join(config.run_root, ".staging", f"eval-{uuid.uuid4().hex[:12]}")
     (
         ray.data.from_pandas(blocks)
-        .map_batches(renderer, fn_constructor_kwargs=kwargs, batch_size=gen.batch_size,
+        .map_batches(renderer, fn_constructor_kwargs=kwargs, batch_size=None,
                      compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
                      num_cpus=gen.num_cpus_per_actor, num_gpus=gen.num_gpus_per_actor)
         .map_batches(BatchClassifier, fn_constructor_kwargs={"config": config.eval},
                      batch_size=config.eval.batch_size,
                      compute=ray.data.ActorPoolStrategy(size=config.eval.num_classifier_actors),
                      num_gpus=config.eval.num_gpus_per_classifier)
-        .write_parquet(images_uri)
+        .drop_columns(["model"])
+        .write_parquet(staging, partition_cols=["part"])
     )
+    for k, s in enumerate(specs):
+        storage.remove_tree(images_uris[s.name])
+        if not storage.move(storage.join(staging, f"part={k}"), images_uris[s.name]):
+            raise RuntimeError(f"eval {s.name}: Ray wrote no images to {staging}")
+    storage.remove_tree(staging)
 
 
 def _write_parquet(uri: str, frame: pd.DataFrame) -> None:
@@ -198,34 +256,41 @@ class Evaluation:
     table: pd.DataFrame
 
 
-def evaluate_model(config: Config, spec: ModelRef, benchmark: str, images: pd.DataFrame) -> Evaluation:
-    """``spec`` on ``images`` (one row per image); writes ``metrics.json`` and ``intervals.json``; reuses
-    finished work of equal fingerprint."""
-    folder = out_dir(config, spec, benchmark)
-    fp = _fingerprint(config, spec, images)
-    marker = storage.join(folder, "eval.json")
-    done = storage.exists(marker) and storage.read_json(marker).get("fingerprint") == fp
-    scores_uri = storage.join(folder, "scores.parquet")
-    if done:
-        # Rendering and classifying are the work; the metrics are recomputed from the stored scores,
-        # so a metric added or fixed since applies to finished evaluations too.
-        print(f"eval {spec.name}/{benchmark}: up to date ({folder}), metrics from its scores", flush=True)
-        table = pq.read_table(io.BytesIO(storage.read_bytes(scores_uri))).to_pandas()
-    else:
-        print(f"eval {spec.name}/{benchmark}: rendering and classifying {len(images)} images", flush=True)
-        images_uri = storage.join(folder, "images")
-        generate_and_classify(config, spec, images, images_uri)
-        table = score_table(images_uri, images)
-        _write_parquet(scores_uri, table)
+def evaluate_models(config: Config, specs: list[ModelRef], benchmark: str,
+                    images: pd.DataFrame) -> dict[str, Evaluation]:
+    """Each of ``specs`` on ``images`` (one row per image), by model name; writes each one's ``metrics.json`` and
+    ``intervals.json``. Finished work of equal fingerprint is reused; the rest renders in one Ray Data run."""
+    folders = {s.name: out_dir(config, s, benchmark) for s in specs}
+    fingerprints = {s.name: _fingerprint(config, s, images) for s in specs}
+    markers = {name: storage.join(folder, "eval.json") for name, folder in folders.items()}
+    todo = [s for s in specs if not (storage.exists(markers[s.name])
+                                     and storage.read_json(markers[s.name]).get("fingerprint") == fingerprints[s.name])]
+    for s in todo:
+        print(f"eval {s.name}/{benchmark}: rendering and classifying {len(images)} images", flush=True)
+    if todo:
+        generate_and_classify(config, todo, images, {s.name: storage.join(folders[s.name], "images") for s in todo})
     classifiers = list(config.eval.classifiers)
-    result = Evaluation(metrics.summarize(table, classifiers), metrics.intervals(table, classifiers), table)
-    storage.write_json(storage.join(folder, layout.METRICS_JSON), result.metrics)
-    storage.write_json(storage.join(folder, layout.INTERVALS_JSON),
-                       {k: e.as_dict() for k, e in result.intervals.items()})
-    if not done:
-        storage.write_json(marker, {"fingerprint": fp, "model": asdict(spec), "benchmark": benchmark,
-                                    "images": len(images), "classifiers": classifiers})
-    return result
+    results = {}
+    for spec in specs:
+        folder, scores_uri = folders[spec.name], storage.join(folders[spec.name], "scores.parquet")
+        if spec in todo:
+            table = score_table(storage.join(folder, "images"), images)
+            _write_parquet(scores_uri, table)
+        else:
+            # Rendering and classifying are the work; the metrics are recomputed from the stored scores,
+            # so a metric added or fixed since applies to finished evaluations too.
+            print(f"eval {spec.name}/{benchmark}: up to date ({folder}), metrics from its scores", flush=True)
+            table = pq.read_table(io.BytesIO(storage.read_bytes(scores_uri))).to_pandas()
+        result = Evaluation(metrics.summarize(table, classifiers), metrics.intervals(table, classifiers), table)
+        storage.write_json(storage.join(folder, layout.METRICS_JSON), result.metrics)
+        storage.write_json(storage.join(folder, layout.INTERVALS_JSON),
+                           {k: e.as_dict() for k, e in result.intervals.items()})
+        if spec in todo:
+            storage.write_json(markers[spec.name], {"fingerprint": fingerprints[spec.name], "model": asdict(spec),
+                                                    "benchmark": benchmark, "images": len(images),
+                                                    "classifiers": classifiers})
+        results[spec.name] = result
+    return results
 
 
 def load_prompts(config: Config, benchmark: str) -> pd.DataFrame:
@@ -251,10 +316,10 @@ def run(config: Config, model: str, benchmark: str) -> dict[str, float]:
     spec = resolve_model(config, model)
     images = benchmarks.expand_images(load_prompts(config, benchmark), config.eval.images_per_prompt)
     specs = [spec, *(s for s in baseline_specs(config) if s.name != spec.name)]
-    evaluations: dict[str, Evaluation] = {}
+    evaluations = evaluate_models(config, specs, benchmark, images)
     for each in specs:
         with tracking.child_run(f"eval/{each.name}/{benchmark}", tags={"safetydpo.model": each.id}):
-            evaluations[each.name] = evaluation = evaluate_model(config, each, benchmark, images)
+            evaluation = evaluations[each.name]
             tracking.log_metrics(evaluation.metrics | metrics.interval_metrics(evaluation.intervals))
     with tracking.child_run(f"eval/{spec.name}/{benchmark}"):
         report.write_report(
