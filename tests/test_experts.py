@@ -24,12 +24,13 @@ from safetydpo import experts, layout, storage, tracking
 from safetydpo.config import Config, DPOConfig, build_config
 from safetydpo.data.pairs import MANIFEST, dataset_files
 from safetydpo.experts import probe
-from safetydpo.experts.batches import dpo_inputs
+from safetydpo.experts.batches import LatentCache, dpo_inputs, step_inputs
 from safetydpo.experts.data import scan_pairs
 from safetydpo.experts.probe import PAIR_COLUMNS
 from safetydpo.experts.spec import is_finished
 from safetydpo.generation import generate_pairs
 from safetydpo.lora import add_lora, load_lora_state, lora_state
+from safetydpo.pipelines import load_pipeline
 from safetydpo.toyworld.models import load_toy_pipeline
 
 CATEGORIES = ["Hate", "Violence"]
@@ -143,6 +144,23 @@ def test_dpo_inputs_pairing_flip_and_dropout(pairs):
             assert np.array_equal(flipped[i], winners[i][..., ::-1])
     with pytest.raises(experts.ExpertError, match="images are 32x32, the model trains at 64x64"):
         dpo_inputs(batch, DPOConfig(), rng, 64)
+
+
+def test_latent_cache_gives_the_uncached_inputs_and_encodes_each_image_once(pairs):
+    pipe = load_pipeline(build_config({}).model)
+    columns = ("pair_id", "unsafe_prompt", "safe_prompt", "unsafe_image", "safe_image")
+    rows = _rows(pairs)
+    batch = {k: np.array([r[k] for r in rows[:3]], dtype=object) for k in columns}
+    benign = {k: np.array([r[k] for r in rows[1:5]], dtype=object) for k in columns}
+    dpo, cache = DPOConfig(anchor_weight=1.0, preserve_weight=1.0, pairing="both"), LatentCache()
+    for _ in range(2):  # the second call reads every latent from the cache
+        cached = step_inputs(pipe, dpo, batch, benign, np.random.default_rng(0), 32, cache)
+    plain = step_inputs(pipe, dpo, batch, benign, np.random.default_rng(0), 32)
+    assert len(cache) == 3 + 5  # the unsafe images of rows 0-2 and the safe images of rows 0-4
+    for key in ("winner", "loser", "encoder_hidden_states", "anchor_states"):
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)  # batched kernels round apart
+    torch.testing.assert_close(cached["benign"].latents, plain["benign"].latents, rtol=1e-4, atol=1e-5)
+    assert cached["winner"].shape[0] == 6  # pairing "both": every pair twice
 
 
 def test_probe_trains_the_workers_step_the_same_way_twice(pairs, mlflow_store, tmp_path):

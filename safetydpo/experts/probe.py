@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 
 from safetydpo.config import Config, DPOConfig
 from safetydpo.dpo import dpo_step
-from safetydpo.experts.batches import step_inputs
+from safetydpo.experts.batches import LatentCache, step_inputs
 from safetydpo.lora import add_lora
 from safetydpo.pipelines import load_pipeline
 
@@ -42,12 +42,12 @@ def train_steps(config: Config, dpo: DPOConfig, own: pd.DataFrame, benign: pd.Da
     params = add_lora(unet, dpo)
     optimizer = torch.optim.AdamW(params, lr=dpo.learning_rate, weight_decay=dpo.weight_decay)
     resolution = config.model.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    rng = np.random.default_rng(seed)
+    rng, cache = np.random.default_rng(seed), LatentCache()
     for step in range(dpo.max_steps):
         batch = batch_rows(own, rng.choice(len(own), min(dpo.batch_size, len(own)), replace=False))
         extra = batch_rows(benign, rng.choice(len(benign), min(dpo.batch_size, len(benign)), replace=False))
         inputs = step_inputs(pipe, dpo, batch, extra if dpo.preserve_weight else None,
-                             np.random.default_rng([seed, step]), resolution)
+                             np.random.default_rng([seed, step]), resolution, cache)
         out = dpo_step(unet, pipe.scheduler, **inputs, beta=dpo.beta, sft_weight=dpo.sft_weight,
                        anchor_weight=dpo.anchor_weight, preserve_weight=dpo.preserve_weight,
                        generator=torch.Generator().manual_seed(seed * 100_003 + step))

@@ -34,7 +34,7 @@ from mlflow.entities import Metric
 from safetydpo import tracking
 from safetydpo.config import Config, DPOConfig
 from safetydpo.dpo import SATURATED_LOGIT, adapters_disabled, dpo_step, unit_logit_beta
-from safetydpo.experts.batches import step_inputs
+from safetydpo.experts.batches import LatentCache, step_inputs
 from safetydpo.experts.spec import ExpertError, ExpertSpec
 from safetydpo.lora import add_lora, load_lora_state, lora_state, save_lora
 from safetydpo.pipelines import load_pipeline
@@ -153,6 +153,7 @@ class ExpertRecipe:
                                        enabled=self.dpo.mixed_precision != "no")
         self.step = self.resumed = 0
         self.last_metrics: dict[str, Any] = {}
+        self.latents = LatentCache()
 
     def restore(self) -> bool:
         """Take up Ray Train's latest checkpoint, if any (a restarted worker or a re-run); True if one was."""
@@ -177,7 +178,7 @@ class ExpertRecipe:
             seed = step_seed(dpo.seed, self.rank, self.step, micro)
             generator = torch.Generator(self.device).manual_seed(seed)
             inputs = step_inputs(self.pipe, dpo, next(batches), next(benign_batches) if benign_batches else None,
-                                 np.random.default_rng(seed), self.resolution)
+                                 np.random.default_rng(seed), self.resolution, self.latents)
             sync = self.model.no_sync() if self.world > 1 and micro < accum - 1 else nullcontext()
             with sync:
                 with self.autocast:
