@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     run_root = Path(config.run_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log = run_root / "demo" / f"job-safetydpo-{config.name}-{stamp}.log"
-    # The job runs in a copy of the project (its working dir): the run root must be absolute to land here.
+    # The job runs in a copy of the project (its working dir): the run root must be absolute to land here, so it
+    # comes last, after the overrides (which a relative ``run_root=`` among them would otherwise win).
     stages = ["--stages", args.stages] if args.stages else []
-    entrypoint = ["python", "jobs/pipeline.py", "--config", args.config, *stages, f"run_root={run_root.resolve()}",
-                  *args.overrides]
+    entrypoint = ["python", "jobs/pipeline.py", "--config", args.config, *stages, *args.overrides,
+                  f"run_root={run_root.resolve()}"]
     status = submit(state["ray"]["dashboard_url"], entrypoint, log)
     if status != 0:
         print(f"error: the pipeline job failed (exit status {status}); its log: {log}", file=sys.stderr)
