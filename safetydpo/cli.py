@@ -81,9 +81,13 @@ def init_ray(runtime_env: dict[str, Any] | None = None) -> bool:
     # parent run's MLflow URL is printed once by the pipeline, not by every child run as it ends.
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "1")
+    # MLflow's telemetry thread sets and unsets a variable of os.environ while other threads iterate it (requests
+    # does, for proxies): a worker died of that KeyError in a demo run (2026-12-07). A cluster job has no business
+    # phoning home either; setting the variable yourself turns it back on.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     quiet = {name: os.environ.get(name, value)
              for name, value in (("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("RAY_DATA_LOG_LEVEL", "WARNING"),
-                                 ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "1"))}
+                                 ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "1"), ("MLFLOW_DISABLE_TELEMETRY", "true"))}
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
              runtime_env={**(runtime_env or {}), "env_vars": tracking.worker_env() | quiet})
     return True

@@ -5,7 +5,8 @@ Split the way Ray's training templates split a job:
 - :mod:`~safetydpo.experts.spec`: what an expert is (name, folder, fingerprint, finished or not),
 - :mod:`~safetydpo.experts.data`: the pairs checked once and read per expert with Ray Data,
 - :mod:`~safetydpo.experts.batches`: a batch of pairs -> the tensors of one DPO step,
-- :mod:`~safetydpo.experts.worker`: the Ray Train worker, a recipe in named phases,
+- :mod:`~safetydpo.experts.worker`: the Ray Train worker, a recipe in named phases
+  (entered through the light :mod:`~safetydpo.experts.entry`),
 - :mod:`~safetydpo.experts.driver`: one ``TorchTrainer`` per expert, several at once as Ray Tune trials.
 
 Under the run root::
@@ -22,8 +23,19 @@ A non-finite loss or gradient stops only that expert, with an error naming step 
 its last good checkpoint stays, the other experts finish, and :func:`train_experts` raises last.
 """
 
-from safetydpo.experts.driver import describe, train_experts
+from typing import Any
+
 from safetydpo.experts.spec import ALL, ExpertError, ExpertSpec, expert_dir, expert_names, lora_paths
 
 __all__ = ["ALL", "ExpertError", "ExpertSpec", "describe", "expert_dir", "expert_names", "lora_paths",
            "train_experts"]
+
+
+def __getattr__(name: str) -> Any:
+    """The driver's functions on first use: Ray's helper processes import this package to unpickle the train
+    function and Ray Data's functions, and should not pay for the driver's imports (Ray Train, Tune, MLflow)."""
+    if name in ("describe", "train_experts"):
+        from safetydpo.experts import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,7 @@ from ray import tune
 from safetydpo import layout, storage, tracking
 from safetydpo.config import Config
 from safetydpo.experts.data import benign_dataset, pairs_dataset, scan_pairs
+from safetydpo.experts.entry import BENIGN, TRAIN, train_loop
 from safetydpo.experts.spec import (
     ExpertError,
     ExpertSpec,
@@ -33,8 +34,6 @@ from safetydpo.experts.spec import (
     expert_names,
     is_finished,
 )
-from safetydpo.experts.worker import BENIGN, TRAIN, train_loop
-from safetydpo.generation import pairs_location
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +143,10 @@ def train_experts(config: Config, pairs: str | None = None,
     raises :class:`ExpertError` after the other experts finished when any failed.
     """
     names = names or expert_names(config)
-    pairs = pairs or pairs_location(config)
+    if pairs is None:
+        from safetydpo.generation import pairs_location  # the model stack; Tune's trial processes import this module
+
+        pairs = pairs_location(config)
     specs = scan_pairs(pairs, names, config.experts.num_workers, tuple(expert_categories(config)))
     records = {s.name: {"name": s.name, "status": "skipped",
                         "lora": layout.lora_file(expert_dir(config.run_root, s.name))}

@@ -1,9 +1,10 @@
 """The Ray Train worker of one expert, as a recipe in named phases.
 
-:func:`train_loop` is the ``TorchTrainer``'s train function: :class:`ExpertRecipe` sets up the
-pipeline, LoRA, optimiser and data (``setup``), takes up the latest checkpoint if Ray Train hands one
-(``restore``), then steps (``step``), checkpointing every ``experts.checkpoint_every`` steps
-(``checkpoint``) and logging the LoRA and a before/after grid at the end (``log_final``).
+:func:`~safetydpo.experts.entry.train_loop`, the ``TorchTrainer``'s train function, runs
+:class:`ExpertRecipe`: it sets up the pipeline, LoRA, optimiser and data (``setup``), takes up the latest
+checkpoint if Ray Train hands one (``restore``), then steps (``step``), checkpointing every
+``experts.checkpoint_every`` steps (``checkpoint``) and logging the LoRA and a before/after grid at the
+end (``log_final``).
 Every (rank, step, micro-batch) draws its noise and timesteps from its own seed, and each epoch's
 row order from (rank, epoch), so a resumed run redraws what an uninterrupted one would have. A
 non-finite loss or gradient stops the expert with a message naming step and category; the last good
@@ -35,14 +36,13 @@ from safetydpo import tracking
 from safetydpo.config import Config, DPOConfig
 from safetydpo.dpo import SATURATED_LOGIT, adapters_disabled, dpo_step, unit_logit_beta
 from safetydpo.experts.batches import LatentCache, step_inputs
+from safetydpo.experts.entry import BENIGN, TRAIN
 from safetydpo.experts.spec import ExpertError, ExpertSpec
 from safetydpo.lora import add_lora, load_lora_state, lora_state, save_lora
 from safetydpo.pipelines import load_pipeline
 from safetydpo.plots import image_grid
 from safetydpo.rendering import render
 
-TRAIN = "train"  # the Ray Train dataset of the expert's pairs
-BENIGN = "benign"  # the Ray Train dataset of the preservation term
 STATE_FILE = "state.pt"
 LOG_EVERY = 10  # steps buffered per MLflow write: concurrent experts share one store
 CALIBRATION_STEPS = 10  # the first steps over which the DPO logit's scale is judged (check_beta)
@@ -305,8 +305,3 @@ class ExpertRecipe:
             if self.resumed == dpo.max_steps:  # restarted after the final checkpoint: report it again
                 self.checkpoint(self.last_metrics)
 
-
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker: DPO-train one expert's LoRA, checkpointing and resuming through Ray Train."""
-    os.environ.update(loop_config["env"])
-    ExpertRecipe(loop_config).run()

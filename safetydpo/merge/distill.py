@@ -135,14 +135,19 @@ def _round(pipe, data: _Encoded, steps: int, batch_size: int, winner_share: floa
 
 
 def distill(config: Config, experts: list[str], init: MergedLora, *, steps: int, lr: float = 1e-3,
-            batch_size: int = 16, seed: int = 0, winner_share: float = 0.5) -> MergedLora:
-    """``init`` trained ``steps`` steps towards the experts (on their categories) and the base (on benign)."""
+            batch_size: int = 16, seed: int = 0, winner_share: float = 0.5,
+            expert_files: dict[str, str] | None = None) -> MergedLora:
+    """``init`` trained ``steps`` steps towards the experts (on their categories) and the base (on benign).
+
+    Each expert's LoRA is read from ``expert_files[name]`` when given, else from the run root's expert folder.
+    """
     pipe = load_pipeline(config.model)
     unet = pipe.unet
     with tempfile.TemporaryDirectory() as tmp:
         pipe.load_lora_weights(save_merged(init, tmp), adapter_name=STUDENT)
     for name in experts:
-        pipe.load_lora_weights(layout.lora_file(expert_dir(config.run_root, name)), adapter_name=expert_slug(name))
+        location = (expert_files or {}).get(name) or expert_dir(config.run_root, name)
+        pipe.load_lora_weights(layout.lora_file(location), adapter_name=expert_slug(name))
     unet.requires_grad_(False)
     params = [p for n, p in unet.named_parameters() if f".{STUDENT}." in n]
     for p in params:
