@@ -6,11 +6,12 @@
 
 For each variant (the config's ``dpo`` section with some terms changed), one expert per category is trained
 in the plain loop over the Ray trainer's own step (``safetydpo.experts.probe``, same batches, timesteps and noise
-for every variant; ``--workers`` processes of one thread each), saved under ``runs/benchmarks/merge_objectives/
-<variant>/<category>/`` (reused when there). Then, in one process: each expert alone, ``sum`` merges at each of
-``--scales`` and, with ``--distill-steps``, the distillation of the ``sum`` at the first scale, each rendered on the
-toy **validation** split (this script compares objectives, so it never sees the test split) and scored as the merge
-search scores a trial. Prints one table; writes every metric to ``--out``.
+for every variant; ``--workers`` processes of one thread each), saved under
+``runs/benchmarks/merge_objectives/<variant>-<fingerprint of its dpo settings and pairs>/<category>/`` (reused
+when there). Then, in one process: each expert alone, ``sum`` merges at each of ``--scales`` and, with
+``--distill-steps``, the distillation of the ``sum`` at the first scale, each rendered on the toy **validation**
+split (this script compares objectives, so it never sees the test split) and scored as the merge search scores a
+trial. Prints one table; writes every metric to ``--out``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from safetydpo import cli
+from safetydpo import cli, storage
 from safetydpo.categories import CATEGORIES, category_slug
 from safetydpo.config import PROJECT_ROOT, Config, DPOConfig
 from safetydpo.data.pairs import read_pairs_pandas
@@ -49,15 +50,16 @@ OUT_DIR = PROJECT_ROOT / "runs" / "benchmarks" / "merge_objectives"
 
 def _train_one(config: Config, variant: str, category: str, seed: int) -> str:
     """Train (or reuse) one expert; its folder."""
-    folder = OUT_DIR / variant / category_slug(category)
+    dpo = DPOConfig(**(config.dpo.model_dump() | VARIANTS[variant]))
+    pairs = pairs_location(config)
+    folder = OUT_DIR / f"{variant}-{storage.fingerprint(dpo.model_dump(), pairs, seed)}" / category_slug(category)
     if (folder / "pytorch_lora_weights.safetensors").exists():
         return str(folder)
     torch.set_num_threads(1)
-    table = read_pairs_pandas(pairs_location(config), columns=PAIR_COLUMNS)
+    table = read_pairs_pandas(pairs, columns=PAIR_COLUMNS)
     rows = table[table["split"] == "train"].reset_index(drop=True)
     own = rows[rows["category"] == category].reset_index(drop=True)
-    pipe = train(config, DPOConfig(**(config.dpo.model_dump() | VARIANTS[variant])), own, rows, seed)
-    return save_lora(pipe.unet, str(folder))
+    return save_lora(train(config, dpo, own, rows, seed).unet, str(folder))
 
 
 def _scored(config: Config, table: pd.DataFrame, merged) -> dict[str, float]:
