@@ -82,7 +82,10 @@ class LatentCache:
         new = {k: row for row, k in enumerate(keys) if k not in self._latents}
         if new:
             rows = np.array(list(new.values()))
-            encoded = _encode(pipe, pixels(batch[column][rows], resolution, batch["pair_id"][rows])).cpu()
+            images = pixels(batch[column][rows], resolution, batch["pair_id"][rows])
+            # One image per call: a latent is then a function of its image alone, not of the batch it first came
+            # in (batched kernels round apart), so a resumed run trains on the same bits as an uninterrupted one.
+            encoded = torch.cat([_encode(pipe, images[i:i + 1]) for i in range(len(images))]).cpu()
             self._latents.update(zip(new, encoded, strict=True))
         return torch.stack([self._latents[k] for k in keys]).to(pipe.unet.device)
 
