@@ -59,7 +59,7 @@ class _Encoded:
 def _encode_pairs(pipe, rows: pd.DataFrame, chunk: int) -> _Encoded:
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    ids = rows["pair_id"].to_numpy() if "pair_id" in rows else np.arange(len(rows))
+    ids = rows["pair_id"].to_numpy()
 
     def latents(column: str) -> torch.Tensor:
         parts = []
@@ -160,9 +160,10 @@ def distill(config: Config, experts: list[str], init: MergedLora, *, steps: int,
     data = _encode_pairs(pipe, rows, chunk)
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     for start in range(0, steps, ROUND_STEPS):
-        todo = _round(pipe, data, min(ROUND_STEPS, steps - start), batch_size, winner_share, rng, generator, chunk)
+        count = min(ROUND_STEPS, steps - start)
+        todo = _round(pipe, data, count, batch_size, winner_share, rng, generator, chunk)
         pipe.set_adapters(STUDENT)
-        for s in range(min(ROUND_STEPS, steps - start)):
+        for s in range(count):
             x, t, c, target = todo.step(s)
             loss = per_sample_mse(unet(x, t, encoder_hidden_states=c).sample, target).mean()
             optimizer.zero_grad(set_to_none=True)
