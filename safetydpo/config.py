@@ -335,6 +335,10 @@ class EvalConfig(Section):
     champion, expert:<category>, merged:<method>); "experts" / "merges": every one found under run_root"""
     sld_concept: str | None = None
     """Safe Latent Diffusion's safety concept; None: the pipeline's I2P text"""
+    expert_prompts: Literal["own", "all"] = "own"
+    """Prompts an expert baseline renders: "own", its categories' unsafe prompts and every benign prompt (what the
+    merge's per-category bounds and the experts table read; pooled figures such as ip/overall are left out);
+    "all", every prompt (adds each expert's IP on the other categories)"""
 
 
 class ServeConfig(Section):

@@ -75,6 +75,7 @@ class ModelRef:
     lora: str | None = None  # LoRA file (path or storage URI) or an MLflow models:/ or runs:/ URI
     negative_prompt: str | None = None
     sld_preset: str | None = None
+    categories: tuple[str, ...] = ()  # an expert's categories (canonical names); empty for any other model
 
 
 def mlflow_uri(model_id: str) -> str:
@@ -187,7 +188,8 @@ class ModelCatalog:
                 todo = "run the experts stage (jobs/train_experts.py)"
                 raise ModelUnavailable(f"no trained expert {what} under {self.run_root} (no {path}): {todo}",
                                        public=f"no trained expert {what}: {todo}")
-            return ModelRef(model_id, f"expert_{slug}", lora=path)
+            categories = CATEGORIES if slug == ALL else (normalize_category(slug.replace("_", " ")),)
+            return ModelRef(model_id, f"expert_{slug}", lora=path, categories=tuple(categories))
         if model == CHAMPION:
             source = self.champion()
             if source is None:

@@ -16,11 +16,11 @@ _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 
 
-def image_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str] | None = None,
+def image_grid(rows: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence[str] | None = None,
                col_labels: Sequence[str] | None = None, cell: int = 96, font_size: int = 12) -> Image.Image:
     """A grid of uint8 HxWx3 images, each resized to ``cell`` x ``cell`` px (enlarged by nearest
-    neighbour so 32-px toy images stay sharp, shrunk by Lanczos). Short rows leave blank cells."""
-    if not rows or not any(len(r) for r in rows):
+    neighbour so 32-px toy images stay sharp, shrunk by Lanczos). Short rows and ``None`` leave blank cells."""
+    if not rows or not any(image is not None for r in rows for image in r):
         raise ValueError("image_grid needs at least one image")
     if row_labels is not None and len(row_labels) != len(rows):
         raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows")
@@ -38,6 +38,8 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str] |
         if row_labels:
             draw.text((_PAD, y + cell // 2 - font_size // 2), row_labels[i], fill=_TEXT, font=font)
         for j, image in enumerate(images):
+            if image is None:
+                continue
             tile = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
             resample = Image.Resampling.NEAREST if tile.width <= cell else Image.Resampling.LANCZOS
             canvas.paste(tile.resize((cell, cell), resample), (left + _PAD + j * step, y))

@@ -163,6 +163,41 @@ def test_models_rendered_together_match_each_rendered_alone(ray_local, tmp_path)
     assert not any((Path(joint.run_root) / ".staging").iterdir())  # Ray's staging folder is gone
 
 
+def test_expert_renders_its_own_categories_and_every_benign_prompt(ray_local, tmp_path):
+    """``eval.expert_prompts: own``: an expert renders its category's unsafe prompts and every benign prompt, the very
+    images it renders under ``all``, and reports its category's figures and benign fidelity but no pooled figure."""
+    own = toy_config(tmp_path / "own", baselines=[], toy_prompts_per_category=2)
+    pipe = load_pipeline(own.model)
+    add_lora(pipe.unet, DPOConfig())
+    torch.manual_seed(0)
+    for name, param in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    save_lora(pipe.unet, str(Path(own.run_root) / "experts" / "violence"))
+    every = own.model_copy(update={"eval": own.eval.model_copy(update={"expert_prompts": "all"}),
+                                   "run_root": str(tmp_path / "every")})
+    save_lora(pipe.unet, str(Path(every.run_root) / "experts" / "violence"))
+    images = ev.benchmarks.expand_images(ev.load_prompts(own, "toy"), 1)
+    expert = ev.resolve_model(own, "expert:Violence")
+    assert expert.categories == ("Violence",)
+    scoped = ev.evaluate_models(own, [expert], "toy", images)[expert.name]
+    full = ev.evaluate_models(every, [ev.resolve_model(every, "expert:Violence")], "toy", images)[expert.name]
+
+    violence = category_metric(IP, "Violence")
+    rendered = scoped.table.set_index("image_id")
+    assert set(rendered["category"]) == {"Violence", "benign"}
+    assert (rendered["category"] == "benign").sum() == (images["category"] == "benign").sum()
+    assert violence in scoped.metrics and BENIGN_FIDELITY in scoped.metrics
+    assert not {IP_OVERALL, REDIRECT_OVERALL, category_metric(IP, "Hate")} & set(scoped.metrics)
+    assert not {IP_OVERALL, REDIRECT_OVERALL} & set(scoped.intervals)
+    assert {IP_OVERALL, category_metric(IP, "Hate")} <= set(full.metrics)
+    for name in (violence, BENIGN_FIDELITY, category_metric(REDIRECT, "Violence")):
+        assert scoped.metrics[name] == full.metrics[name], name
+    got = read_images(ev.out_dir(own, expert, "toy") + "/images").set_index("image_id")["image"]
+    want = read_images(ev.out_dir(every, expert, "toy") + "/images").set_index("image_id")["image"]
+    assert len(got) < len(want) and got.to_dict() == want[got.index].to_dict()
+
+
 def test_resolve_model_errors(tmp_path):
     config = toy_config(tmp_path)
     with pytest.raises(ModelUnavailable, match="no trained expert 'Hate'"):

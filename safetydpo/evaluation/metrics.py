@@ -242,6 +242,13 @@ def differences(table: pd.DataFrame, base: Samples, classifiers: list[str]) -> d
             for name in ours if name in base}
 
 
+def category_scoped(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` without the figures that pool the unsafe categories (``*/overall``, ``ip_by/*``): what a model
+    evaluated on some categories' prompts reports, so that no pooled figure passes for the whole benchmark's."""
+    return {name: v for name, v in values.items()
+            if not (name.endswith(f"/{OVERALL}") or name.startswith(f"{IP_BY}/"))}
+
+
 def interval_metrics(estimates: Mapping[str, Estimate]) -> dict[str, float]:
     """Intervals as MLflow metrics: ``ci95_low/<name>``, ``ci95_high/<name>``, ``n/<name>`` (finite only)."""
     out = {}

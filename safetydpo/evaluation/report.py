@@ -207,12 +207,13 @@ def framed(image: np.ndarray, flagged: bool) -> np.ndarray:
 
 
 def comparison_grid(image_sets: Mapping[str, pd.DataFrame], picked: pd.DataFrame) -> bytes:
-    """Rows = models, columns = the ``picked`` images (same prompt and seed); flagged ones framed red."""
+    """Rows = models, columns = the ``picked`` images (same prompt and seed); flagged ones framed red, blank where
+    a model did not render the prompt (an expert renders its own categories')."""
     rows = []
     for images in image_sets.values():
         by_id = images.set_index("image_id")
-        rows.append([framed(decode_png(by_id.at[i, "image"]), bool(by_id.at[i, "flagged"]))
-                     for i in picked["image_id"] if i in by_id.index])
+        rows.append([framed(decode_png(by_id.at[i, "image"]), bool(by_id.at[i, "flagged"])) if i in by_id.index
+                     else None for i in picked["image_id"]])
     grid = image_grid(rows, row_labels=list(image_sets), col_labels=[str(c)[:12] for c in picked["category"]])
     buf = io.BytesIO()
     grid.save(buf, format="PNG")

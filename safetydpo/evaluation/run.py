@@ -171,9 +171,18 @@ class ModelsRenderer(PromptRenderer):
         return batch | out
 
 
-def generate_and_classify(config: Config, specs: list[ModelRef], images: pd.DataFrame,
+def model_images(config: Config, spec: ModelRef, images: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``images`` that ``spec`` renders: with ``eval.expert_prompts: own`` an expert renders the unsafe
+    prompts of its categories and every benign prompt; any other model renders them all."""
+    if not spec.categories or config.eval.expert_prompts == "all":
+        return images
+    own = images["categories"].map(lambda categories: any(c in spec.categories for c in categories))
+    return images[own | (images["category"] == benchmarks.BENIGN)]
+
+
+def generate_and_classify(config: Config, specs: list[ModelRef], images: dict[str, pd.DataFrame],
                           images_uris: dict[str, str]) -> None:
-    """Render every row of ``images`` with each of ``specs`` and classify it; Ray writes each model's rows to
+    """Render each of ``specs``' rows (``images[model name]``) and classify them; Ray writes each model's rows to
     ``images_uris[model name]``. Models without an SLD preset share one renderer pool (:class:`ModelsRenderer`);
     each SLD model renders with its own safe pipeline."""
     plain = [s for s in specs if not s.sld_preset]
@@ -183,7 +192,8 @@ def generate_and_classify(config: Config, specs: list[ModelRef], images: pd.Data
         _render_group(config, group, images, images_uris)
 
 
-def _render_group(config: Config, specs: list[ModelRef], images: pd.DataFrame, images_uris: dict[str, str]) -> None:
+def _render_group(config: Config, specs: list[ModelRef], images: dict[str, pd.DataFrame],
+                  images_uris: dict[str, str]) -> None:
     import ray.data
 
     gen = config.generation
@@ -198,14 +208,16 @@ def _render_group(config: Config, specs: list[ModelRef], images: pd.DataFrame, i
     else:
         kwargs["models"] = {s.name: s for s in specs}
 
-    rows = images[["image_id", "prompt", "seed", "guidance_scale"]].copy()
-    rows["guidance_scale"] = rows["guidance_scale"].fillna(gen.guidance_scale)
+    def rows(spec: ModelRef) -> pd.DataFrame:
+        own = images[spec.name][["image_id", "prompt", "seed", "guidance_scale"]].copy()
+        return own.assign(guidance_scale=own["guidance_scale"].fillna(gen.guidance_scale))
+
     # One block per generation batch and model, and one batch per block (``batch_size=None``): every actor of the
     # pool gets work, and a model's batches are the same whichever models render beside it (batched kernels
     # round differently at other batch sizes). Ray writes one folder per model (``part=<i>``), each moved to
     # its model's place once all are written.
-    blocks = [rows.iloc[i:i + gen.batch_size].assign(model=s.name, part=k)
-              for k, s in enumerate(specs) for i in range(0, len(rows), gen.batch_size)]
+    blocks = [own.iloc[i:i + gen.batch_size].assign(model=s.name, part=k)
+              for k, s in enumerate(specs) for own in [rows(s)] for i in range(0, len(own), gen.batch_size)]
     staging = storage.join(config.run_root, ".staging", f"eval-{uuid.uuid4().hex[:12]}")
     (
         ray.data.from_pandas(blocks)
@@ -259,22 +271,25 @@ class Evaluation:
 def evaluate_models(config: Config, specs: list[ModelRef], benchmark: str,
                     images: pd.DataFrame) -> dict[str, Evaluation]:
     """Each of ``specs`` on ``images`` (one row per image), by model name; writes each one's ``metrics.json`` and
-    ``intervals.json``. Finished work of equal fingerprint is reused; the rest renders in one Ray Data run."""
+    ``intervals.json``. Finished work of equal fingerprint is reused; the rest renders in one Ray Data run. A model
+    that renders only some rows (:func:`model_images`) reports no pooled figure
+    (:func:`~safetydpo.evaluation.metrics.category_scoped`)."""
     folders = {s.name: out_dir(config, s, benchmark) for s in specs}
-    fingerprints = {s.name: _fingerprint(config, s, images) for s in specs}
+    rows = {s.name: model_images(config, s, images) for s in specs}
+    fingerprints = {s.name: _fingerprint(config, s, rows[s.name]) for s in specs}
     markers = {name: storage.join(folder, "eval.json") for name, folder in folders.items()}
     todo = [s for s in specs if not (storage.exists(markers[s.name])
                                      and storage.read_json(markers[s.name]).get("fingerprint") == fingerprints[s.name])]
     for s in todo:
-        print(f"eval {s.name}/{benchmark}: rendering and classifying {len(images)} images", flush=True)
+        print(f"eval {s.name}/{benchmark}: rendering and classifying {len(rows[s.name])} images", flush=True)
     if todo:
-        generate_and_classify(config, todo, images, {s.name: storage.join(folders[s.name], "images") for s in todo})
+        generate_and_classify(config, todo, rows, {s.name: storage.join(folders[s.name], "images") for s in todo})
     classifiers = list(config.eval.classifiers)
     results = {}
     for spec in specs:
         folder, scores_uri = folders[spec.name], storage.join(folders[spec.name], "scores.parquet")
         if spec in todo:
-            table = score_table(storage.join(folder, "images"), images)
+            table = score_table(storage.join(folder, "images"), rows[spec.name])
             _write_parquet(scores_uri, table)
         else:
             # Rendering and classifying are the work; the metrics are recomputed from the stored scores,
@@ -282,12 +297,15 @@ def evaluate_models(config: Config, specs: list[ModelRef], benchmark: str,
             print(f"eval {spec.name}/{benchmark}: up to date ({folder}), metrics from its scores", flush=True)
             table = pq.read_table(io.BytesIO(storage.read_bytes(scores_uri))).to_pandas()
         result = Evaluation(metrics.summarize(table, classifiers), metrics.intervals(table, classifiers), table)
+        if len(table) < len(images):
+            result = Evaluation(metrics.category_scoped(result.metrics), metrics.category_scoped(result.intervals),
+                                table)
         storage.write_json(storage.join(folder, layout.METRICS_JSON), result.metrics)
         storage.write_json(storage.join(folder, layout.INTERVALS_JSON),
                            {k: e.as_dict() for k, e in result.intervals.items()})
         if spec in todo:
             storage.write_json(markers[spec.name], {"fingerprint": fingerprints[spec.name], "model": asdict(spec),
-                                                    "benchmark": benchmark, "images": len(images),
+                                                    "benchmark": benchmark, "images": len(rows[spec.name]),
                                                     "classifiers": classifiers})
         results[spec.name] = result
     return results
@@ -321,12 +339,14 @@ def run(config: Config, model: str, benchmark: str) -> dict[str, float]:
         with tracking.child_run(f"eval/{each.name}/{benchmark}", tags={"safetydpo.model": each.id}):
             evaluation = evaluations[each.name]
             tracking.log_metrics(evaluation.metrics | metrics.interval_metrics(evaluation.intervals))
+    differences = {name: metrics.category_scoped(d) if len(evaluations[name].table) < len(images) else d
+                   for name, d in report.paired_differences({name: e.table for name, e in evaluations.items()},
+                                                            list(config.eval.classifiers)).items()}
     with tracking.child_run(f"eval/{spec.name}/{benchmark}"):
         report.write_report(
             out_dir(config, spec, benchmark), benchmark, {name: e.metrics for name, e in evaluations.items()},
             {s.name: storage.join(out_dir(config, s, benchmark), "images") for s in specs},
             images, intervals={name: e.intervals for name, e in evaluations.items()},
-            differences=report.paired_differences({name: e.table for name, e in evaluations.items()},
-                                                  list(config.eval.classifiers)),
+            differences=differences,
         )
     return evaluations[spec.name].metrics

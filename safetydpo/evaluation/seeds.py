@@ -13,7 +13,14 @@ import pandas as pd
 
 from safetydpo import layout, storage
 from safetydpo.categories import CATEGORIES, category_slug
-from safetydpo.evaluation.metrics import BENIGN_FIDELITY, IP, IP_OVERALL, REDIRECT_OVERALL, category_metric
+from safetydpo.evaluation.metrics import (
+    BENIGN_FIDELITY,
+    IP,
+    IP_OVERALL,
+    REDIRECT,
+    REDIRECT_OVERALL,
+    category_metric,
+)
 from safetydpo.evaluation.report import EXPERT_PREFIX
 
 SEEDS_DIR = "seeds"  # <run_root>/seeds/seed-<s>/: the runs of the other seeds, and the spread tables
@@ -38,13 +45,15 @@ def read_evaluations(run_root: str, benchmark: str) -> dict[str, dict[str, float
 
 
 def headline(evaluations: Evaluations) -> dict[str, float]:
-    """The figures the README quotes, by row label: each expert's IP on its own category, every other
-    model's overall IP, and each model's redirect and benign fidelity."""
+    """The figures the README quotes, by row label: each expert's IP and redirect on its own category, every
+    other model's overall IP and redirect, and each model's benign fidelity."""
     out = {}
+    expert_of = {EXPERT_PREFIX + category_slug(c): c for c in CATEGORIES}
     for model, metrics in evaluations.items():
-        expert_of = {EXPERT_PREFIX + category_slug(c): c for c in CATEGORIES}
-        ip_name = category_metric(IP, expert_of[model]) if model in expert_of else IP_OVERALL
-        for label, name in ((f"{model} {ip_name}", ip_name), (f"{model} {REDIRECT_OVERALL}", REDIRECT_OVERALL),
+        own = expert_of.get(model)
+        ip_name = category_metric(IP, own) if own else IP_OVERALL
+        redirect_name = category_metric(REDIRECT, own) if own else REDIRECT_OVERALL
+        for label, name in ((f"{model} {ip_name}", ip_name), (f"{model} {redirect_name}", redirect_name),
                             (f"{model} {BENIGN_FIDELITY}", BENIGN_FIDELITY)):
             if name in metrics:
                 out[label] = metrics[name]
