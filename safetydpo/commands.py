@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import get_args
@@ -35,6 +36,34 @@ def _log_info() -> None:
     logging.getLogger("safetydpo").setLevel(logging.INFO)
 
 
+class _Alongside(threading.Thread):
+    """A stage running beside the next ones (``Stage.alongside``): its metrics or its error, and its wall time.
+    A daemon thread, so a pipeline that fails elsewhere does not wait for it."""
+
+    def __init__(self, stage: stages.Stage, config: Config) -> None:
+        super().__init__(name=f"stage-{stage.name}", daemon=True)
+        self.stage, self.config = stage, config
+        self.metrics: Mapping[str, float] = {}
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.metrics = self.stage.run(self.config)
+        except BaseException as err:  # re-raised in the pipeline's thread by outcome()
+            self.error = err
+        self.seconds = time.perf_counter() - start
+        print(f"stage {self.stage.name}: {'failed' if self.error else 'done'} in {self.seconds:.1f} s", flush=True)
+
+    def outcome(self) -> tuple[Mapping[str, float], float]:
+        """Wait for the stage; its metrics and seconds, or its error raised here."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.metrics, self.seconds
+
+
 def pipeline(argv: list[str] | None = None) -> int:
     """Run the SafetyDPO pipeline, stage after stage, under one MLflow parent run."""
     p = cli.parser(pipeline.__doc__)
@@ -57,15 +86,30 @@ def pipeline(argv: list[str] | None = None) -> int:
     summary: dict[str, Mapping[str, float]] = {}
     times: dict[str, float] = {}
     with cli.session(config) as run:
+        alongside: dict[str, _Alongside] = {}
+
+        def record(name: str, metrics: Mapping[str, float], seconds: float) -> None:
+            summary[name], times[name] = metrics, seconds
+            # The parent run's headline numbers: the same names in every pipeline run, to compare runs.
+            tracking.log_metrics({f"time/{name}_s": seconds} | dict(metrics))
+
         for stage in stages.STAGES:
-            if stage.name in selected:
-                print(f"stage {stage.name}: started", flush=True)
-                start = time.perf_counter()
-                summary[stage.name] = stage.run(config)
-                times[stage.name] = seconds = time.perf_counter() - start
-                # The parent run's headline numbers: the same names in every pipeline run, to compare runs.
-                tracking.log_metrics({f"time/{stage.name}_s": seconds} | dict(summary[stage.name]))
-                print(f"stage {stage.name}: done in {seconds:.1f} s", flush=True)
+            if stage.name not in selected:
+                continue
+            for name in [n for n in stage.needs if n in alongside]:
+                record(name, *alongside.pop(name).outcome())
+            print(f"stage {stage.name}: started{' (alongside the next stages)' if stage.alongside else ''}",
+                  flush=True)
+            if stage.alongside:
+                alongside[stage.name] = _Alongside(stage, config)
+                alongside[stage.name].start()
+                continue
+            start = time.perf_counter()
+            metrics = stage.run(config)
+            record(stage.name, metrics, time.perf_counter() - start)
+            print(f"stage {stage.name}: done in {times[stage.name]:.1f} s", flush=True)
+        for name in list(alongside):
+            record(name, *alongside.pop(name).outcome())
         version = tracking.headline_tags(config)
     _print_summary(config, run, summary, times, version)
     return 0

@@ -44,6 +44,17 @@ def train_experts(config: Config, pairs: str | None = None, names: list[str] | N
     return experts.describe(records)
 
 
+def evaluate_untrained(config: Config) -> dict[str, float]:
+    """Render and score the baselines that need no trained weights (base, negative prompt, SLD) on every
+    benchmark, with one generation actor: the pipeline runs this beside the experts stage, whose rounds leave a
+    core idle (the last of 7 experts on 2 slots trains alone); ``evaluate`` then finds them up to date."""
+    one_actor = config.model_copy(update={"generation": config.generation.model_copy(update={"num_actors": 1})})
+    for benchmark in config.eval.benchmarks:
+        evaluation.evaluate_models(one_actor, evaluation.untrained_specs(config), benchmark,
+                                   evaluation.images_of(config, benchmark))
+    return {}
+
+
 def evaluate(config: Config) -> dict[str, float]:
     """The base model beside its baselines (``eval.baselines``: every trained expert, the champion and the
     other merges...) on every configured benchmark. Returns the base's and the champion's metrics as
@@ -79,20 +90,28 @@ def _search(config: Config) -> list[str]:
     return [layout.merged_dir(config.run_root, m) for m in [layout.SEARCH_DIR, CHAMPION, *best]]
 
 
+def _untrained_evaluations(config: Config) -> list[str]:
+    return [layout.eval_dir(config.run_root, s.name, b)
+            for s in evaluation.untrained_specs(config) for b in config.eval.benchmarks]
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage of the pipeline: its function, the folders holding its results (moved aside by ``--force``)
-    and the stages whose results it reads."""
+    and the stages whose results it reads. An ``alongside`` stage runs in a thread beside the stages after it,
+    until one that needs it: Ray shares the cluster between them."""
 
     name: str
     run: Callable[[Config], Mapping[str, float]]
     outputs: Callable[[Config], list[str]] = lambda _: []
     needs: tuple[str, ...] = ()
+    alongside: bool = False
 
 
 STAGES: list[Stage] = [
     Stage("ray-smoke", smoke.run),
     Stage("generate", generate, _pairs),
+    Stage("evaluate-untrained", evaluate_untrained, _untrained_evaluations, alongside=True),
     Stage("experts", train_experts, lambda c: [layout.experts_dir(c.run_root)], needs=("generate",)),
     Stage("merge", merge_stage, lambda c: [layout.merged_dir(c.run_root, m) for m in c.merge.methods],
           needs=("experts",)),
@@ -100,7 +119,7 @@ STAGES: list[Stage] = [
     Stage("merge-distill", distill_stage, lambda c: [layout.merged_dir(c.run_root, DISTILLED)],
           needs=("merge-search",)),
     Stage("evaluate", evaluate, lambda c: [storage.join(c.run_root, layout.EVAL_DIR)],
-          needs=("experts", "merge", "merge-search", "merge-distill")),
+          needs=("evaluate-untrained", "experts", "merge", "merge-search", "merge-distill")),
     Stage("deploy", deploy, needs=("merge-search", "merge-distill")),
 ]
 NAMES = [stage.name for stage in STAGES]

@@ -18,6 +18,7 @@ def test_dependants_follow_what_each_stage_reads() -> None:
     assert stages.dependants(["merge"]) == ["merge", "evaluate"]
     assert stages.dependants(["merge-distill"]) == ["merge-distill", "evaluate", "deploy"]
     assert stages.dependants(["evaluate"]) == ["evaluate"]
+    assert stages.dependants(["evaluate-untrained"]) == ["evaluate-untrained", "evaluate"]
 
 
 def _touch(path: Path) -> Path:

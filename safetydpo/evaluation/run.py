@@ -34,7 +34,7 @@ from safetydpo.evaluation import benchmarks, metrics, report
 from safetydpo.evaluation.classifiers import BatchClassifier
 from safetydpo.evaluation.report import read_images
 from safetydpo.evaluation.uncertainty import Estimate
-from safetydpo.model_ids import CHAMPION, ModelCatalog, ModelRef, ModelUnavailable
+from safetydpo.model_ids import BASE, CHAMPION, NEGATIVE_PROMPT, ModelCatalog, ModelRef, ModelUnavailable
 from safetydpo.pipelines import model_path
 from safetydpo.rendering import PromptRenderer
 from safetydpo.toyworld.models import DETECTOR_DIR
@@ -105,6 +105,13 @@ class SafeLatentRenderer(PromptRenderer):
         originals = {col: batch[col] for col in self.columns}
         batch = super().__call__({**batch, **{col: self.truncated(batch[col]) for col in self.columns}})
         return batch | originals
+
+
+def untrained_specs(config: Config) -> list[ModelRef]:
+    """The base model and the baselines of ``eval.baselines`` that need no trained weights (the negative prompt, SLD
+    presets): what can be evaluated before any expert exists."""
+    ids = [BASE, *(b for b in config.eval.baselines if b == NEGATIVE_PROMPT or b.startswith("sld:"))]
+    return [resolve_model(config, model_id) for model_id in dict.fromkeys(ids)]
 
 
 def out_dir(config: Config, spec: ModelRef, benchmark: str) -> str:
@@ -273,9 +280,12 @@ def evaluate_models(config: Config, specs: list[ModelRef], benchmark: str,
     """Each of ``specs`` on ``images`` (one row per image), by model name; writes each one's ``metrics.json`` and
     ``intervals.json``. Finished work of equal fingerprint is reused; the rest renders in one Ray Data run. A model
     that renders only some rows (:func:`model_images`) reports no pooled figure
-    (:func:`~safetydpo.evaluation.metrics.category_scoped`)."""
-    folders = {s.name: out_dir(config, s, benchmark) for s in specs}
+    (:func:`~safetydpo.evaluation.metrics.category_scoped`); one with no rows to render is left out."""
     rows = {s.name: model_images(config, s, images) for s in specs}
+    for s in [s for s in specs if rows[s.name].empty]:
+        print(f"eval {s.name}/{benchmark}: none of its categories' prompts in this benchmark; left out", flush=True)
+    specs = [s for s in specs if not rows[s.name].empty]
+    folders = {s.name: out_dir(config, s, benchmark) for s in specs}
     fingerprints = {s.name: _fingerprint(config, s, rows[s.name]) for s in specs}
     markers = {name: storage.join(folder, "eval.json") for name, folder in folders.items()}
     todo = [s for s in specs if not (storage.exists(markers[s.name])
@@ -325,6 +335,11 @@ def load_prompts(config: Config, benchmark: str) -> pd.DataFrame:
     return limited
 
 
+def images_of(config: Config, benchmark: str) -> pd.DataFrame:
+    """One row per image of ``benchmark``'s prompts (``eval.images_per_prompt`` each)."""
+    return benchmarks.expand_images(load_prompts(config, benchmark), config.eval.images_per_prompt)
+
+
 def run(config: Config, model: str, benchmark: str) -> dict[str, float]:
     """Evaluate ``model`` and the configured baselines on ``benchmark``; report; return ``model``'s metrics.
 
@@ -332,9 +347,13 @@ def run(config: Config, model: str, benchmark: str) -> dict[str, float]:
     ``$SAFETYDPO_PARENT_RUN_ID``) MLflow run; the report goes to the evaluated model's child run.
     """
     spec = resolve_model(config, model)
-    images = benchmarks.expand_images(load_prompts(config, benchmark), config.eval.images_per_prompt)
+    images = images_of(config, benchmark)
     specs = [spec, *(s for s in baseline_specs(config) if s.name != spec.name)]
     evaluations = evaluate_models(config, specs, benchmark, images)
+    if spec.name not in evaluations:
+        raise ValueError(f"eval {model}: {benchmark} has none of its categories' prompts and no benign ones; "
+                         "eval.expert_prompts=all renders every prompt")
+    specs = [s for s in specs if s.name in evaluations]
     for each in specs:
         with tracking.child_run(f"eval/{each.name}/{benchmark}", tags={"safetydpo.model": each.id}):
             evaluation = evaluations[each.name]
