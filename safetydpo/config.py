@@ -324,6 +324,8 @@ class EvalConfig(Section):
     """Classifier actors"""
     num_gpus_per_classifier: float = Field(0.0, ge=0.0)
     """GPUs per classifier actor"""
+    num_cpus_per_classifier: float = Field(1.0, ge=0.0)
+    """CPUs per classifier actor"""
     seed: int = 0
     """Prompt sampling of the toy benchmark and the benchmarks' limits"""
     toy_prompts_per_category: int = Field(16, ge=1)

@@ -46,9 +46,12 @@ def train_experts(config: Config, pairs: str | None = None, names: list[str] | N
 
 def evaluate_untrained(config: Config) -> dict[str, float]:
     """Render and score the baselines that need no trained weights (base, negative prompt, SLD) on every
-    benchmark, with one generation actor: the pipeline runs this beside the experts stage, whose rounds leave a
-    core idle (the last of 7 experts on 2 slots trains alone); ``evaluate`` then finds them up to date."""
-    one_actor = config.model_copy(update={"generation": config.generation.model_copy(update={"num_actors": 1})})
+    benchmark, in one generation actor's share of the cluster (its classifier reserves no CPU): the pipeline runs
+    this beside the experts stage, whose rounds leave a slot idle (the last of 7 experts on 2 slots trains alone);
+    ``evaluate`` then finds them up to date."""
+    one_actor = config.model_copy(update={
+        "generation": config.generation.model_copy(update={"num_actors": 1}),
+        "eval": config.eval.model_copy(update={"num_cpus_per_classifier": 0.0})})
     for benchmark in config.eval.benchmarks:
         evaluation.evaluate_models(one_actor, evaluation.untrained_specs(config), benchmark,
                                    evaluation.images_of(config, benchmark))

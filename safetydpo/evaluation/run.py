@@ -234,7 +234,7 @@ def _render_group(config: Config, specs: list[ModelRef], images: dict[str, pd.Da
         .map_batches(BatchClassifier, fn_constructor_kwargs={"config": config.eval},
                      batch_size=config.eval.batch_size,
                      compute=ray.data.ActorPoolStrategy(size=config.eval.num_classifier_actors),
-                     num_gpus=config.eval.num_gpus_per_classifier)
+                     num_cpus=config.eval.num_cpus_per_classifier, num_gpus=config.eval.num_gpus_per_classifier)
         .drop_columns(["model"])
         .write_parquet(staging, partition_cols=["part"])
     )
