@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -196,6 +197,28 @@ def test_expert_renders_its_own_categories_and_every_benign_prompt(ray_local, tm
     got = read_images(ev.out_dir(own, expert, "toy") + "/images").set_index("image_id")["image"]
     want = read_images(ev.out_dir(every, expert, "toy") + "/images").set_index("image_id")["image"]
     assert len(got) < len(want) and got.to_dict() == want[got.index].to_dict()
+
+
+def test_evaluation_fingerprint_follows_the_lora_bytes_not_its_file(tmp_path):
+    """A registry LoRA is fetched to a new temporary file each time: same bytes, same fingerprint (no re-render)."""
+    config = toy_config(tmp_path)
+    images = ev.benchmarks.expand_images(ev.load_prompts(config, "toy"), 1)
+    pipe = load_pipeline(config.model)
+    add_lora(pipe.unet, DPOConfig())
+    first = Path(save_lora(pipe.unet, str(tmp_path / "fetch-1")))
+    again = tmp_path / "fetch-2" / first.name
+    again.parent.mkdir()
+    again.write_bytes(first.read_bytes())
+    os.utime(again, (1, 1))
+    changed = tmp_path / "fetch-3" / first.name
+    changed.parent.mkdir()
+    data = first.read_bytes()
+    changed.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+
+    def key(path: Path) -> str:
+        return ev._fingerprint(config, ev.ModelRef("champion", "champion", lora=str(path)), images)
+
+    assert key(first) == key(again) != key(changed)
 
 
 def test_resolve_model_errors(tmp_path):

@@ -15,6 +15,7 @@ slow classifier never holds a diffusion GPU. Each evaluated model leaves, under
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import uuid
@@ -126,12 +127,20 @@ def _files_identity(path: str | None) -> Any:
     return [path, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)]
 
 
+def _lora_identity(path: str | None) -> str | None:
+    """A LoRA file by its bytes (sha256): the same weights fetched again, to another temporary file (a registry
+    alias such as ``champion``), keep their evaluation; replaced weights do not."""
+    if path is None or not os.path.isfile(path):
+        return path
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _fingerprint(config: Config, spec: ModelRef, images: pd.DataFrame) -> str:
     keys = images[["image_id", "prompt", "seed", "guidance_scale"]].to_dict("list")
     classify = config.eval.model_dump(
         include={"classifiers", "q16_prompts_path", "clip_model", "nudenet_threshold"})
     return storage.fingerprint(
-        {"name": spec.name, "lora_path": _files_identity(spec.lora), "negative_prompt": spec.negative_prompt,
+        {"name": spec.name, "lora_sha256": _lora_identity(spec.lora), "negative_prompt": spec.negative_prompt,
          "sld_preset": spec.sld_preset, "source": None},  # the key of evaluations made before model_ids
         config.model.model_dump(), _files_identity(model_path(config.model)),
         _files_identity(str(DETECTOR_DIR)) if "toy" in config.eval.classifiers else None,
