@@ -3,9 +3,8 @@
 Experts run as trials of one Ray Tune run, at most :func:`concurrency` at once: the trial function
 is the trainer's driver, which is how Ray Train V2 runs several trainers side by side. A trial
 reserves memory but no CPU (it only waits on its trainer); each trainer's workers reserve
-``experts.cpus_per_worker`` each. Every expert's rows are read (materialised) here, before any trainer
-reserves a CPU: Ray Data's read tasks take a whole CPU each, which trainers holding fractions of every
-core would otherwise starve.
+``experts.cpus_per_worker`` each. Ray Data reads the pairs with tasks of one whole CPU, so one CPU
+always stays free for the reads.
 """
 
 from __future__ import annotations
@@ -56,8 +55,8 @@ def concurrency(config: Config, experts_to_train: int) -> int:
     """How many experts train at once: ``experts.max_concurrent``, bounded by what the cluster holds now.
 
     Each expert reserves ``num_workers`` x :func:`worker_resources`. No CPU is held back for Ray Data:
-    the experts' rows are read (materialised) before the first trainer starts, and trainers replay them
-    from the object store without tasks (:func:`~safetydpo.experts.data.pairs_dataset`).
+    an expert's rows are read (materialised) before its trainer reserves anything, and the trainer then
+    replays them from the object store without tasks (:func:`~safetydpo.experts.data.pairs_dataset`).
     """
     available = ray.cluster_resources()
     need = worker_resources(config)
@@ -91,17 +90,16 @@ def _publish(config: Config, spec: ExpertSpec, pairs: str, fp: str, result: ray.
 
 
 def fit_expert(config: Config, spec: ExpertSpec, pairs: str, env: dict[str, str],
-               train: ray.data.Dataset | None = None, benign: ray.data.Dataset | None = None) -> dict[str, Any]:
+               benign: ray.data.Dataset | None = None) -> dict[str, Any]:
     """Train one expert with a ``TorchTrainer`` and publish its LoRA and ``expert.json``.
 
-    ``train`` is the expert's :func:`~safetydpo.experts.data.pairs_dataset` and ``benign`` the
-    :func:`~safetydpo.experts.data.benign_dataset` shared by all experts; each is read here when not
-    given (and ``benign`` only when the expert's ``preserve_weight`` needs it). Returns the expert's
+    ``benign`` is :func:`~safetydpo.experts.data.benign_dataset`, read once for all experts; read
+    here when the expert's ``preserve_weight`` needs it and none is given. Returns the expert's
     record: ``status`` is ``trained`` or ``failed`` (non-finite loss, with the error).
     """
     start = time.perf_counter()
     dpo = config.experts.dpo_for(config.dpo, spec.name)
-    datasets = {TRAIN: train if train is not None else pairs_dataset(pairs, spec, dpo.seed)}
+    datasets = {TRAIN: pairs_dataset(pairs, spec, dpo.seed)}
     if dpo.preserve_weight:
         datasets[BENIGN] = benign if benign is not None else benign_dataset(pairs, dpo.seed)
     fp = expert_fingerprint(config, spec)
@@ -129,12 +127,10 @@ def fit_expert(config: Config, spec: ExpertSpec, pairs: str, env: dict[str, str]
 
 
 def _trial(params: dict[str, str], *, config: Config, specs: dict[str, ExpertSpec], pairs: str,
-           env: dict[str, str], train: dict[str, ray.data.Dataset],
-           benign: ray.data.Dataset | None) -> dict[str, Any]:
+           env: dict[str, str], benign: ray.data.Dataset | None) -> dict[str, Any]:
     """Ray Tune trial: drive one expert's trainer."""
     os.environ.update(env)
-    name = params["expert"]
-    return fit_expert(config, specs[name], pairs, env, train[name], benign)
+    return fit_expert(config, specs[params["expert"]], pairs, env, benign)
 
 
 def train_experts(config: Config, pairs: str | None = None,
@@ -164,10 +160,7 @@ def train_experts(config: Config, pairs: str | None = None,
         # The preservation term's benign images are the same for every expert: one copy in the object store.
         preserving = any(config.experts.dpo_for(config.dpo, name).preserve_weight for name in todo)
         benign = benign_dataset(pairs, config.dpo.seed) if preserving else None
-        train = {name: pairs_dataset(pairs, spec, config.experts.dpo_for(config.dpo, name).seed)
-                 for name, spec in todo.items()}
-        trial = tune.with_parameters(_trial, config=config, specs=todo, pairs=pairs, env=env, train=train,
-                                     benign=benign)
+        trial = tune.with_parameters(_trial, config=config, specs=todo, pairs=pairs, env=env, benign=benign)
         tuner = tune.Tuner(
             tune.with_resources(trial, TRIAL_RESOURCES),
             param_space={"expert": tune.grid_search(list(todo))},
