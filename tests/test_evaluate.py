@@ -50,6 +50,17 @@ def toy_config(tmp_path: Path, **eval_overrides) -> Config:
     })
 
 
+def random_lora(config: Config):
+    """The config's pipeline with a LoRA whose B matrices are random (seed 0): one that visibly changes images."""
+    pipe = load_pipeline(config.model)
+    add_lora(pipe.unet, DPOConfig())
+    torch.manual_seed(0)
+    for name, param in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    return pipe
+
+
 def child_run(config: Config, name: str):
     mlflow.set_tracking_uri(config.tracking.tracking_uri)
     runs = mlflow.search_runs(experiment_names=[config.tracking.experiment], output_format="list",
@@ -141,12 +152,7 @@ def test_models_rendered_together_match_each_rendered_alone(ray_local, tmp_path)
     """One renderer pool for several models (a trained LoRA, the base, the negative-prompt baseline) gives each
     model exactly the images it renders on its own, and each model's rows land in its own folder."""
     joint = toy_config(tmp_path / "joint", baselines=["base", "negative_prompt"])
-    pipe = load_pipeline(joint.model)
-    add_lora(pipe.unet, DPOConfig())
-    torch.manual_seed(0)
-    for name, param in pipe.unet.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.2)
+    pipe = random_lora(joint)
     lora = save_lora(pipe.unet, str(tmp_path / "lora"))
     images = ev.benchmarks.expand_images(ev.load_prompts(joint, "toy"), 1)
     specs = [ev.resolve_model(joint, m) for m in (lora, "base", "negative_prompt")]
@@ -168,12 +174,7 @@ def test_expert_renders_its_own_categories_and_every_benign_prompt(ray_local, tm
     """``eval.expert_prompts: own``: an expert renders its category's unsafe prompts and every benign prompt, the very
     images it renders under ``all``, and reports its category's figures and benign fidelity but no pooled figure."""
     own = toy_config(tmp_path / "own", baselines=[], toy_prompts_per_category=2)
-    pipe = load_pipeline(own.model)
-    add_lora(pipe.unet, DPOConfig())
-    torch.manual_seed(0)
-    for name, param in pipe.unet.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.2)
+    pipe = random_lora(own)
     save_lora(pipe.unet, str(Path(own.run_root) / "experts" / "violence"))
     every = own.model_copy(update={"eval": own.eval.model_copy(update={"expert_prompts": "all"}),
                                    "run_root": str(tmp_path / "every")})
