@@ -141,7 +141,7 @@ def _fingerprint(config: Config, spec: ModelRef, images: pd.DataFrame) -> str:
         include={"classifiers", "q16_prompts_path", "clip_model", "nudenet_threshold"})
     return storage.fingerprint(
         {"name": spec.name, "lora_sha256": _lora_identity(spec.lora), "negative_prompt": spec.negative_prompt,
-         "sld_preset": spec.sld_preset, "source": None},  # the key of evaluations made before model_ids
+         "sld_preset": spec.sld_preset},
         config.model.model_dump(), _files_identity(model_path(config.model)),
         _files_identity(str(DETECTOR_DIR)) if "toy" in config.eval.classifiers else None,
         config.generation.model_dump(include={"num_inference_steps", "guidance_scale", "negative_prompt"}),
