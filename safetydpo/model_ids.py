@@ -183,13 +183,13 @@ class ModelCatalog:
             model_id = expert_id(arg)
             slug = model_id.partition(":")[2]
             path = layout.lora_file(layout.expert_dir(self.run_root, slug))
+            categories = tuple(CATEGORIES) if slug == ALL else (normalize_category(slug.replace("_", " ")),)
             if not storage.exists(path):
-                what = "all" if slug == ALL else repr(normalize_category(slug.replace("_", " ")))
+                what = "all" if slug == ALL else repr(categories[0])
                 todo = "run the experts stage (jobs/train_experts.py)"
                 raise ModelUnavailable(f"no trained expert {what} under {self.run_root} (no {path}): {todo}",
                                        public=f"no trained expert {what}: {todo}")
-            categories = CATEGORIES if slug == ALL else (normalize_category(slug.replace("_", " ")),)
-            return ModelRef(model_id, f"expert_{slug}", lora=path, categories=tuple(categories))
+            return ModelRef(model_id, f"expert_{slug}", lora=path, categories=categories)
         if model == CHAMPION:
             source = self.champion()
             if source is None:
